@@ -1,0 +1,59 @@
+# Everything a user runs. `make demo` and `make test` are the two commands of README.md.
+PYTHON := .venv/bin/python
+RUN ?= data/demo
+export MUJOCO_GL ?= egl
+
+.PHONY: venv demo test test-fast browser label loop loop-human bench bench-reward bench-ppo bench-paper bench-labeler circus clean-demo
+
+venv: .venv/.installed
+.venv/.installed: requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install --upgrade --quiet pip
+	.venv/bin/pip install -r requirements.txt
+	touch $@
+
+# A short unattended loop with the oracle teacher on HalfCheetah-v5; prints random vs trained return.
+demo: venv
+	RUN=$(RUN) ./loop.sh
+
+loop: venv
+	RUN=$(RUN) ./loop.sh
+
+# People label in the browser (make label) while this loop waits for their answers.
+loop-human: venv
+	RUN=$(RUN) TEACHER=human ./loop.sh
+
+label: venv
+	$(PYTHON) label.py serve --run $(RUN)
+
+# The browser test drives Debian's chromium; install it if it is missing (CI runs as root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: venv browser
+	$(PYTHON) -m pytest -q tests
+
+test-fast: venv
+	$(PYTHON) -m pytest -q tests -m "not slow"
+
+bench: bench-ppo bench-reward bench-labeler
+
+bench-ppo: venv
+	$(PYTHON) bench/bench_ppo.py
+
+bench-reward: venv
+	$(PYTHON) bench/bench_reward.py
+
+bench-labeler: venv
+	$(PYTHON) bench/bench_labeler.py
+
+bench-paper: venv
+	$(PYTHON) bench/bench_paper.py
+
+circus: venv
+	$(PYTHON) bench/circus.py
+
+clean-demo:
+	rm -rf data/demo

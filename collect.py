@@ -1,0 +1,317 @@
+"""Stage 1 of the loop: roll out the current policy, cut its trajectories into short segments, pick pairs
+of segments to ask the teacher about, render just those pairs to mp4 clips and append them to
+queries.jsonl.
+
+    python collect.py --run data/cheetah --env HalfCheetah-v5 --pairs 50
+    python collect.py --run data/cheetah --label-budget 400 --schedule-steps 270000   # as loop.sh does
+    python collect.py --run data/cheetah --evaluate 5                                # score + clip the agent
+
+The latest policy checkpoint (policy.pt) is used if there is one, uniform random actions otherwise.
+Reads: config.json, policy.pt, reward_model.pt (disagreement selection), queries.jsonl.
+Writes: segments/round_RRRR.npz, clips/<segment_id>.mp4, queries.jsonl, metrics.jsonl.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+import contract as C
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory, e.g. data/cheetah")
+    p.add_argument("--env", default=None, help="gymnasium env id; required when the run is new")
+    p.add_argument("--seed", type=int, default=0, help="seed of a new run (stored in config.json)")
+    p.add_argument("--segment-seconds", type=float, default=1.5, help="segment duration of a new run")
+    p.add_argument("--num-envs", type=int, default=8, help="environments rolled out side by side")
+    p.add_argument("--pairs", type=int, default=None, help="number of pairs to ask about now")
+    p.add_argument("--label-budget", type=int, default=None,
+                   help="total pairs over the whole run; with --schedule-steps asks for as many as are due")
+    p.add_argument("--schedule-steps", type=int, default=None,
+                   help="policy step by which the whole label budget should have been asked")
+    p.add_argument("--pretrain-fraction", type=float, default=0.25,
+                   help="share of the label budget asked about the random policy, before any RL")
+    p.add_argument("--decay-steps", type=float, default=None,
+                   help="c in the paper's label rate c/(T+c); default schedule-steps/4")
+    p.add_argument("--selection", choices=["random", "disagreement"], default="disagreement",
+                   help="how to choose pairs; disagreement needs a reward model and falls back to random")
+    p.add_argument("--candidates-factor", type=int, default=10,
+                   help="disagreement selection scores this many times more candidate pairs than it keeps")
+    p.add_argument("--no-clips", action="store_true", help="skip rendering (synthetic teachers need none)")
+    p.add_argument("--clip-size", type=int, default=128, help="clip width and height in pixels")
+    p.add_argument("--clip-fps", type=float, default=30.0, help="at most this many frames per second")
+    p.add_argument("--random-policy", action="store_true", help="act uniformly at random even if a policy exists")
+    p.add_argument("--evaluate", type=int, default=0, metavar="EPISODES",
+                   help="instead of collecting: run this many whole episodes, log the true return, "
+                        "and render a clip of the agent")
+    p.add_argument("--clip-seconds", type=float, default=10.0, help="length of the --evaluate clip")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------- rollout
+
+def load_policy(args, config, action_space, seed):
+    """(policy or None, policy_step). None means uniform random actions."""
+    path = os.path.join(args.run, C.POLICY)
+    if args.random_policy or not os.path.exists(path):
+        return None, 0
+    checkpoint = C.load_torch(path, "policy checkpoint")
+    policy = C.PolicyForRollout(checkpoint, config["obs_shape"][0], config["act_shape"][0],
+                                action_space.low, action_space.high, seed=seed)
+    return policy, int(checkpoint["global_step"])
+
+
+def rollout_episodes(envs, policy, rng, seed, max_episodes_per_env):
+    """Run each env for up to `max_episodes_per_env` whole episodes (stepping all envs together, one batched
+    policy call per step). Returns a list of episodes, each a dict of per-step arrays: obs (T, obs_dim),
+    acts (T, act_dim), rewards (T,), qpos (T, nq), qvel (T, nv); the states are those *before* the action,
+    so that frame t shows what obs[t] describes."""
+    n = len(envs)
+    obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
+    buffers = [{k: [] for k in ("obs", "acts", "rewards", "qpos", "qvel")} for _ in envs]
+    episodes, finished = [], [0] * n
+    space = envs[0].action_space
+    while min(finished) < max_episodes_per_env:
+        if policy is None:
+            actions = rng.uniform(space.low, space.high, size=(n,) + space.shape).astype(np.float32)
+        else:
+            actions = policy.act(obs).astype(np.float32)
+        for i, env in enumerate(envs):
+            if finished[i] >= max_episodes_per_env:
+                continue
+            data = env.unwrapped.data
+            b = buffers[i]
+            b["obs"].append(obs[i].copy())
+            b["qpos"].append(data.qpos.copy())
+            b["qvel"].append(data.qvel.copy())
+            next_obs, reward, terminated, truncated, _ = env.step(actions[i])
+            b["acts"].append(actions[i])
+            b["rewards"].append(reward)
+            if terminated or truncated:
+                episodes.append({k: np.asarray(v) for k, v in b.items()})
+                buffers[i] = {k: [] for k in b}
+                finished[i] += 1
+                next_obs, _ = env.reset()
+            obs[i] = next_obs
+    return episodes
+
+
+def cut_segments(episode, segment_steps, rng):
+    """Cut one episode into non-overlapping segments of segment_steps, starting at a random offset so that
+    segment boundaries differ between episodes. Returns a list of dicts of (segment_steps, ...) arrays;
+    an episode shorter than one segment gives none."""
+    length = len(episode["rewards"])
+    if length < segment_steps:
+        return []
+    offset = int(rng.integers(0, length % segment_steps + 1))
+    return [{k: v[start:start + segment_steps] for k, v in episode.items()}
+            for start in range(offset, length - segment_steps + 1, segment_steps)]
+
+
+def collect_segment_pool(args, config, needed, seed):
+    """Roll out until at least `needed` segments are cut. Returns (pool dict of stacked arrays, policy_step,
+    mean true return of the finished episodes)."""
+    envs = [C.make_env(config["env_id"], config["env_kwargs"]) for _ in range(args.num_envs)]
+    rng = np.random.default_rng(seed)
+    policy, policy_step = load_policy(args, config, envs[0].action_space, seed)
+    horizon = envs[0].spec.max_episode_steps or 1000
+    per_episode = max(1, horizon // config["segment_steps"])
+    rounds = math.ceil(needed / (per_episode * args.num_envs))
+    segments, returns = [], []
+    for attempt in range(50):  # short (terminating) episodes may need more rollouts than estimated
+        episodes = rollout_episodes(envs, policy, rng, seed + 1000 * attempt, rounds)
+        returns += [float(e["rewards"].sum()) for e in episodes]
+        for episode in episodes:
+            segments += cut_segments(episode, config["segment_steps"], rng)
+        if len(segments) >= needed:
+            break
+    for env in envs:
+        env.close()
+    if len(segments) < needed:
+        raise C.UserError(f"episodes of {config['env_id']} are too short to cut {needed} segments of "
+                          f"{config['segment_steps']} steps; use a shorter --segment-seconds")
+    pool = {k: np.stack([s[k] for s in segments]) for k in segments[0]}
+    return pool, policy_step, float(np.mean(returns)) if returns else float("nan")
+
+
+# ---------------------------------------------------------------------------------- pair selection
+
+def pairs_due(args, policy_step, asked):
+    """How many pairs to ask now: --pairs, or the paper's schedule. The schedule asks pretrain_fraction of
+    the budget before RL, then at a rate proportional to c/(T+c) in the policy's env steps T, so that the
+    whole budget is due at --schedule-steps. Counting against pairs already asked makes a re-run after a
+    crash ask for nothing twice."""
+    if args.pairs is not None:
+        return args.pairs
+    if args.label_budget is None or args.schedule_steps is None:
+        raise C.UserError("give either --pairs N or both --label-budget and --schedule-steps")
+    total_steps = max(1, args.schedule_steps)
+    c = args.decay_steps or total_steps / 4
+    progress = math.log1p(min(policy_step, total_steps) / c) / math.log1p(total_steps / c)
+    due = args.label_budget * (args.pretrain_fraction + (1 - args.pretrain_fraction) * progress)
+    return max(0, int(round(due)) - asked)
+
+
+def segment_returns_per_member(model, pool):
+    """Each ensemble member's predicted return of each pooled segment: (members, N)."""
+    import torch
+    x = torch.as_tensor(C.reward_input(pool["obs"], pool["acts"]))
+    n, t, d = x.shape
+    with torch.no_grad():
+        return model(x.reshape(n * t, d)).reshape(model.members, n, t).sum(-1).numpy()
+
+
+def select_pairs(pool_size, n_pairs, rng, member_returns=None, candidates_factor=10):
+    """Choose n_pairs pairs of pool indices. Random: distinct segments, shuffled. Disagreement (given
+    member_returns (K, N)): draw candidates_factor * n_pairs random pairs and keep those whose predicted
+    preference P(left > right) = sigmoid(R_k(left) - R_k(right)) varies most across the members k.
+    Returns an (n_pairs, 2) int array."""
+    if member_returns is None:
+        order = rng.permutation(pool_size)
+        if pool_size >= 2 * n_pairs:
+            return order[:2 * n_pairs].reshape(n_pairs, 2)
+        return np.stack([rng.choice(pool_size, 2, replace=False) for _ in range(n_pairs)])
+    m = candidates_factor * n_pairs
+    left = rng.integers(0, pool_size, m)
+    right = (left + rng.integers(1, pool_size, m)) % pool_size  # never a segment against itself
+    diff = np.clip(member_returns[:, left] - member_returns[:, right], -50, 50)
+    p_left = 1.0 / (1.0 + np.exp(-diff))
+    keep = np.argsort(-p_left.var(axis=0), kind="stable")[:n_pairs]
+    return np.stack([left[keep], right[keep]], axis=1)
+
+
+# ---------------------------------------------------------------------------------------- rendering
+
+class ClipRenderer:
+    """Re-renders saved physics states offscreen (no display, no shadows) and writes mp4 clips."""
+
+    def __init__(self, config, size, max_fps):
+        import mujoco
+        self.env = C.make_env(config["env_id"], config["env_kwargs"], render_size=size)
+        self.env.reset(seed=0)
+        viewer = self.env.unwrapped.mujoco_renderer._get_viewer("rgb_array")
+        viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+        viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        self.every = max(1, math.ceil(1.0 / config["dt"] / max_fps))  # skip steps above max_fps
+        self.fps = 1.0 / config["dt"] / self.every
+
+    def frames(self, qpos, qvel):
+        """qpos (T, nq), qvel (T, nv) -> uint8 frames (ceil(T/every), H, W, 3)."""
+        out = []
+        for t in range(0, len(qpos), self.every):
+            self.env.unwrapped.set_state(qpos[t], qvel[t])
+            out.append(self.env.render())
+        return np.stack(out)
+
+    def write(self, path, qpos, qvel):
+        import imageio.v2 as imageio
+        frames = self.frames(qpos, qvel)
+        tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+        with imageio.get_writer(tmp, fps=self.fps, codec="libx264", quality=7, macro_block_size=16,
+                                ffmpeg_log_level="error") as writer:
+            for frame in frames:
+                writer.append_data(frame)
+        os.replace(tmp, path)
+
+    def close(self):
+        self.env.close()
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def evaluate(args, config):
+    """Run whole episodes with the current policy (or random actions), log their true return and render
+    the start of the first one to clips/policy_step<N>.mp4."""
+    seed = config["seed"] * 7919 + 12345
+    envs = [C.make_env(config["env_id"], config["env_kwargs"]) for _ in range(args.evaluate)]
+    policy, policy_step = load_policy(args, config, envs[0].action_space, seed)
+    episodes = rollout_episodes(envs, policy, np.random.default_rng(seed), seed, 1)
+    for env in envs:
+        env.close()
+    returns = [float(e["rewards"].sum()) for e in episodes]
+    name = "random" if policy is None else f"step{policy_step}"
+    clip = None
+    if not args.no_clips:
+        steps = int(args.clip_seconds / config["dt"])
+        renderer = ClipRenderer(config, args.clip_size, args.clip_fps)
+        clip = os.path.join(C.CLIPS_DIR, f"policy_{name}.mp4")
+        renderer.write(os.path.join(args.run, clip), episodes[0]["qpos"][:steps], episodes[0]["qvel"][:steps])
+        renderer.close()
+    C.log_metrics(args.run, "evaluate", policy_step=policy_step, policy=name, episodes=len(returns),
+                  true_return_mean=float(np.mean(returns)), true_return_std=float(np.std(returns)), clip=clip)
+    print(f"evaluate: {name} policy, {len(returns)} episodes, true return {np.mean(returns):.1f} "
+          f"+- {np.std(returns):.1f}" + (f", clip {os.path.join(args.run, clip)}" if clip else ""))
+
+
+def main():
+    args = parse_args()
+    config = C.open_run(args.run, args.env, args.seed, args.segment_seconds)
+    os.makedirs(os.path.join(args.run, C.CLIPS_DIR), exist_ok=True)
+    os.makedirs(os.path.join(args.run, C.SEGMENTS_DIR), exist_ok=True)
+    if args.evaluate:
+        return evaluate(args, config)
+
+    queries = C.read_queries(args.run)
+    round_index, first_id = C.next_round_and_segment_id(args.run)
+    policy_step = 0 if args.random_policy else C.policy_step(args.run)
+    n_pairs = pairs_due(args, policy_step, len(queries))
+    if n_pairs <= 0:
+        print(f"collect: {len(queries)} pairs asked so far, none due at policy step {policy_step}")
+        return
+    started = time.time()
+    seed = config["seed"] * 1_000_003 + round_index * 7919
+    rng = np.random.default_rng(seed)
+
+    model = C.load_reward_model(args.run) if args.selection == "disagreement" else None
+    if args.selection == "disagreement" and model is None:
+        print("collect: no reward model yet, so this round's pairs are chosen at random")
+    pool, policy_step, mean_return = collect_segment_pool(args, config, 2 * n_pairs, seed)
+    member_returns = segment_returns_per_member(model, pool) if model is not None else None
+    pairs = select_pairs(len(pool["obs"]), n_pairs, rng, member_returns, args.candidates_factor)
+
+    # Keep only the segments that are in a pair; number them after everything already on disk.
+    used = np.unique(pairs)
+    new_id = {int(j): first_id + i for i, j in enumerate(used)}
+    segments = {k: pool[k][used] for k in ("obs", "acts", "rewards", "qpos", "qvel")}
+    segments["ids"] = np.array([new_id[int(j)] for j in used], np.int64)
+    segments["policy_step"] = np.full(len(used), policy_step, np.int64)
+    segments["obs"] = segments["obs"].astype(np.float32)
+    segments["acts"] = segments["acts"].astype(np.float32)
+    segments["rewards"] = segments["rewards"].astype(np.float32)
+    C.save_segments(args.run, round_index, segments)
+
+    clips = {}
+    if not args.no_clips:
+        renderer = ClipRenderer(config, args.clip_size, args.clip_fps)
+        for n, j in enumerate(used):
+            rel = os.path.join(C.CLIPS_DIR, f"{new_id[int(j)]}.mp4")
+            renderer.write(os.path.join(args.run, rel), pool["qpos"][j], pool["qvel"][j])
+            clips[int(j)] = rel
+            if sys.stderr.isatty() or n + 1 == len(used):
+                print(f"\rcollect: rendered {n + 1}/{len(used)} clips", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        renderer.close()
+
+    # Queries go last: a query only ever appears once its segments (and clips) are on disk.
+    first_query = max(queries) + 1 if queries else 0
+    selection = "random" if model is None else "disagreement"
+    now = time.time()
+    records = [{"query_id": first_query + i, "left": new_id[int(a)], "right": new_id[int(b)],
+                "left_clip": clips.get(int(a)), "right_clip": clips.get(int(b)), "round": round_index,
+                "selection": selection, "policy_step": policy_step, "time": round(now, 3)}
+               for i, (a, b) in enumerate(pairs)]
+    C.append_jsonl(os.path.join(args.run, C.QUERIES), records)
+    C.log_metrics(args.run, "collect", round=round_index, policy_step=policy_step, pairs=len(records),
+                  segments=len(used), pairs_total=len(queries) + len(records), selection=selection,
+                  rollout_true_return=mean_return, seconds=round(time.time() - started, 2))
+    print(f"collect: round {round_index}, policy step {policy_step}, {len(records)} pairs ({selection}), "
+          f"{len(used)} segments, {len(clips)} clips, {time.time() - started:.1f}s")
+
+
+if __name__ == "__main__":
+    C.run_main(main)

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The training loop of deep RL from human preferences: rounds of
+#   collect.py -> label.py -> train_reward.py -> train_policy.py
+# Every knob is an environment variable with a default, e.g.
+#   RUN=data/cheetah ENV_ID=HalfCheetah-v5 LABELS=700 TOTAL_STEPS=1000000 ./loop.sh
+#   TEACHER=human ./loop.sh          # people answer in the web labeler (python label.py serve)
+# Re-running the same command resumes: each stage only does what is still missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+RUN=${RUN:-data/demo}
+ENV_ID=${ENV_ID:-HalfCheetah-v5}
+SEED=${SEED:-0}
+TOTAL_STEPS=${TOTAL_STEPS:-500000}        # policy environment steps in all
+STEPS_PER_ROUND=${STEPS_PER_ROUND:-50000} # policy steps between two label rounds
+LABELS=${LABELS:-500}                     # label budget: pairs asked over the whole run
+PRETRAIN_FRACTION=${PRETRAIN_FRACTION:-0.25}  # share asked about the random policy before any RL
+SELECTION=${SELECTION:-disagreement}      # random | disagreement
+TEACHER=${TEACHER:-oracle}                # oracle | synthetic (label.py teach $TEACHER_FLAGS) | human
+TEACHER_FLAGS=${TEACHER_FLAGS:-}          # e.g. "--mistake 0.1" or "--behaviour cheetah_backwards"
+HUMAN_FRACTION=${HUMAN_FRACTION:-0.75}    # with TEACHER=human: share of pairs answered before going on
+CLIPS=${CLIPS:-auto}                      # render clips: auto (only for people) | 1 | 0
+REWARD_STEPS=${REWARD_STEPS:-300}         # reward model gradient steps per round
+PRETRAIN_REWARD_STEPS=${PRETRAIN_REWARD_STEPS:-1000}  # ... in the first round
+NUM_ENVS=${NUM_ENVS:-8}
+EVAL_EPISODES=${EVAL_EPISODES:-5}
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+export MUJOCO_GL=${MUJOCO_GL:-egl}
+
+clip_flag=--no-clips
+if [ "$CLIPS" = 1 ] || { [ "$CLIPS" = auto ] && [ "$TEACHER" = human ]; }; then clip_flag=; fi
+# All labels are due by the last round's collect, so the budget is spent before training ends.
+schedule_end=$(( TOTAL_STEPS > STEPS_PER_ROUND ? TOTAL_STEPS - STEPS_PER_ROUND : 1 ))
+
+run() { echo "+ $*" >&2; "$@"; }
+
+# The random policy's score, once, for comparison at the end.
+if ! grep -qs '"policy": "random"' "$RUN/metrics.jsonl"; then
+  run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" --seed "$SEED" --evaluate "$EVAL_EPISODES" \
+      --random-policy $clip_flag
+fi
+
+# Resume at the round the saved policy has reached.
+step=$("$PYTHON" -c "import contract,sys; print(contract.policy_step('$RUN'))")
+round=$(( step / STEPS_PER_ROUND ))
+while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
+  echo "=== round $round: policy step $(( round * STEPS_PER_ROUND ))/$TOTAL_STEPS" >&2
+  run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" --num-envs "$NUM_ENVS" --label-budget "$LABELS" \
+      --schedule-steps "$schedule_end" --pretrain-fraction "$PRETRAIN_FRACTION" --selection "$SELECTION" $clip_flag
+  case "$TEACHER" in
+    human) run "$PYTHON" label.py wait --run "$RUN" --fraction "$HUMAN_FRACTION" ;;
+    oracle) run "$PYTHON" label.py teach --run "$RUN" ;;
+    *) run "$PYTHON" label.py teach --run "$RUN" $TEACHER_FLAGS ;;
+  esac
+  reward_steps=$REWARD_STEPS
+  [ "$round" -eq 0 ] && [ ! -f "$RUN/reward_model.pt" ] && reward_steps=$PRETRAIN_REWARD_STEPS
+  run "$PYTHON" train_reward.py --run "$RUN" --steps "$reward_steps"
+  round=$(( round + 1 ))
+  target=$(( round * STEPS_PER_ROUND < TOTAL_STEPS ? round * STEPS_PER_ROUND : TOTAL_STEPS ))
+  run "$PYTHON" train_policy.py --run "$RUN" --total-steps "$target" --anneal-steps "$TOTAL_STEPS" \
+      --num-envs "$NUM_ENVS"
+done
+
+run "$PYTHON" collect.py --run "$RUN" --evaluate "$EVAL_EPISODES" $( [ "$CLIPS" = 0 ] && echo --no-clips )
+"$PYTHON" - "$RUN" <<'PY'
+import json, os, sys
+import contract
+run = sys.argv[1]
+evals = [m for m in contract.read_jsonl(os.path.join(run, contract.METRICS)) if m.get("stage") == "evaluate"]
+random = [m for m in evals if m["policy"] == "random"][-1]
+trained = [m for m in evals if m["policy"] != "random"][-1]
+print(f"\nrandom policy:  true return {random['true_return_mean']:9.1f} +- {random['true_return_std']:.1f}")
+print(f"trained agent:  true return {trained['true_return_mean']:9.1f} +- {trained['true_return_std']:.1f}"
+      f"  ({trained['policy_step']} steps, {len(contract.read_labels(run))} labels)")
+if trained.get("clip"):
+    print(f"clip of the trained agent: {os.path.join(run, trained['clip'])}")
+print(f"learning curve:            {os.path.join(run, contract.LEARNING_CURVE)}")
+PY

@@ -1,0 +1,308 @@
+"""Stage 4 of the loop: train the agent with PPO on the learned reward (or, as a baseline, the env's own).
+
+PPO for continuous actions, written out here in torch after CleanRL's ppo_continuous_action.py: several
+environments stepped together, GAE, clipped surrogate and value losses, observation normalisation and
+return-based reward scaling, a state-independent Gaussian policy. Time-limit truncation bootstraps from the
+value of the final observation instead of pretending the episode ended. The learned reward of all
+environments of a step is one batched forward pass of the reward ensemble.
+
+    python train_policy.py --run data/cheetah --total-steps 300000          # learned reward
+    python train_policy.py --run data/cheetah-rl --env HalfCheetah-v5 --reward true --total-steps 1000000
+
+--total-steps is the policy's step count to reach: a second call resumes from policy.pt and trains on until
+it, so loop.sh can alternate it with the reward trainer.
+Reads: config.json, reward_model.pt, policy.pt. Writes: policy.pt, metrics.jsonl, learning_curve.png.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+import contract as C
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--env", default=None, help="gymnasium env id; required when the run is new")
+    p.add_argument("--seed", type=int, default=0, help="seed of a new run (stored in config.json)")
+    p.add_argument("--reward", choices=["learned", "true"], default="learned", help="reward to maximise")
+    p.add_argument("--total-steps", type=int, default=300_000, help="train until the policy has this many steps")
+    p.add_argument("--anneal-steps", type=int, default=None,
+                   help="learning rate decays linearly to 0 at this step (default: --total-steps)")
+    p.add_argument("--num-envs", type=int, default=8, help="environments stepped together")
+    p.add_argument("--async-envs", action="store_true", help="step environments in worker processes")
+    p.add_argument("--num-steps", type=int, default=256, help="steps per environment per rollout")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--gamma", type=float, default=0.99, help="discount")
+    p.add_argument("--gae-lambda", type=float, default=0.95, help="GAE lambda")
+    p.add_argument("--num-minibatches", type=int, default=32, help="minibatches per epoch")
+    p.add_argument("--update-epochs", type=int, default=10, help="epochs per rollout")
+    p.add_argument("--clip-coef", type=float, default=0.2, help="surrogate clipping")
+    p.add_argument("--ent-coef", type=float, default=0.0, help="entropy bonus")
+    p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight")
+    p.add_argument("--max-grad-norm", type=float, default=0.5, help="gradient clipping")
+    p.add_argument("--target-kl", type=float, default=None, help="stop an update's epochs early above this KL")
+    p.add_argument("--hidden", type=int, default=64, help="width of the policy and value MLPs")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (small nets: 1 is fastest)")
+    p.add_argument("--save-every", type=int, default=20, help="updates between checkpoints")
+    p.add_argument("--no-plot", action="store_true", help="do not redraw learning_curve.png")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------- PPO arithmetic
+
+def compute_gae(rewards, values, dones, next_value, next_done, gamma, lam):
+    """Generalised advantage estimation. rewards, values, dones: (T, N) with dones[t] = 1 if the episode
+    had ended before step t (so values[t] starts a new episode); next_value, next_done: (N,) for the state
+    after the last step. Returns (advantages, returns), each (T, N)."""
+    steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(next_value)
+    for t in reversed(range(steps)):
+        not_done = 1.0 - (next_done if t == steps - 1 else dones[t + 1])
+        following = next_value if t == steps - 1 else values[t + 1]
+        delta = rewards[t] + gamma * following * not_done - values[t]
+        last = delta + gamma * lam * not_done * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def clipped_policy_loss(advantages, ratio, clip_coef):
+    """PPO's clipped surrogate, to minimise: mean(max(-A r, -A clip(r, 1-c, 1+c)))."""
+    return torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)).mean()
+
+
+def scale_rewards(rewards, discounted, return_rms, dones, gamma, clip=10.0):
+    """Return-based reward scaling (gymnasium's NormalizeReward): divide by the running std of the
+    discounted return. rewards, dones: (N,); discounted: (N,) running discounted returns, updated in place.
+    Returns the scaled rewards (N,)."""
+    discounted[:] = discounted * gamma * (1 - dones) + rewards
+    return_rms.update(discounted[:, None])
+    return np.clip(rewards / np.sqrt(return_rms.var[0] + 1e-8), -clip, clip)
+
+
+def log_prob_and_entropy(net, obs, action):
+    mean = net.actor_mean(obs)
+    dist = torch.distributions.Normal(mean, net.actor_logstd.expand_as(mean).exp())
+    return dist.log_prob(action).sum(-1), dist.entropy().sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def make_envs(args, config):
+    import gymnasium as gym
+    factories = [lambda: C.make_env(config["env_id"], config["env_kwargs"]) for _ in range(args.num_envs)]
+    vector = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
+    return vector(factories, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def plot_learning_curve(run_dir):
+    """Redraw learning_curve.png from metrics.jsonl: true and learned episode returns against env steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [m for m in C.read_jsonl(os.path.join(run_dir, C.METRICS), warn=False)
+            if m.get("stage") == "train_policy" and "true_return" in m]
+    if not rows:
+        return None
+    steps = np.array([m["step"] for m in rows])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, colour in (("true_return", "tab:blue"), ("learned_return", "tab:orange")):
+        values = np.array([np.nan if m.get(key) is None else m[key] for m in rows], float)
+        if np.all(np.isnan(values)):
+            continue
+        ax.plot(steps, values, ".", color=colour, alpha=0.25, markersize=3)
+        window = max(1, len(values) // 20)
+        smooth = np.convolve(np.nan_to_num(values), np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, color=colour, label=key.replace("_", " "))
+    evals = [m for m in C.read_jsonl(os.path.join(run_dir, C.METRICS), warn=False) if m.get("stage") == "evaluate"]
+    if evals:
+        ax.plot([m["policy_step"] for m in evals], [m["true_return_mean"] for m in evals], "k^",
+                label="evaluation (true)")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("episode return")
+    ax.set_title(os.path.basename(os.path.normpath(run_dir)))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(run_dir, C.LEARNING_CURVE)
+    tmp = os.path.join(run_dir, ".tmp-" + C.LEARNING_CURVE)
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args):
+    C.save_torch_atomic(path, {
+        "model": net.state_dict(), "optimizer": optimizer.state_dict(), "obs_rms": obs_rms.state_dict(),
+        "return_rms": return_rms.state_dict(), "global_step": global_step, "hidden": args.hidden,
+        "reward": args.reward, "torch_rng": torch.get_rng_state(), "format_version": C.FORMAT_VERSION})
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    config = C.open_run(args.run, args.env, args.seed)
+    obs_dim, act_dim = config["obs_shape"][0], config["act_shape"][0]
+    reward_model = None
+    if args.reward == "learned":
+        reward_model = C.load_reward_model(args.run)
+        if reward_model is None:
+            raise C.UserError(f"{args.run} has no {C.REWARD_MODEL} yet; run train_reward.py first, or train "
+                              f"on the env's reward with --reward true")
+        if reward_model.in_dim != obs_dim + act_dim:
+            raise C.UserError(f"{C.REWARD_MODEL} expects {reward_model.in_dim} inputs, but {config['env_id']} "
+                              f"has {obs_dim} + {act_dim}")
+
+    net = C.build_actor_critic(obs_dim, act_dim, args.hidden)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, eps=1e-5)
+    obs_rms, return_rms = C.RunningMeanStd((obs_dim,)), C.RunningMeanStd(())
+    global_step = 0
+    path = os.path.join(args.run, C.POLICY)
+    if os.path.exists(path):
+        ckpt = C.load_torch(path, "policy checkpoint")
+        if ckpt["hidden"] != args.hidden:
+            raise C.UserError(f"{path} has hidden size {ckpt['hidden']}, not {args.hidden}")
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        obs_rms.load_state_dict(ckpt["obs_rms"])
+        return_rms.load_state_dict(ckpt["return_rms"])
+        global_step = int(ckpt["global_step"])
+        torch.set_rng_state(ckpt["torch_rng"])
+    else:
+        torch.manual_seed(config["seed"])
+    if global_step >= args.total_steps:
+        print(f"train_policy: policy already at step {global_step} >= --total-steps {args.total_steps}")
+        return
+
+    envs = make_envs(args, config)
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    n, t_steps = args.num_envs, args.num_steps
+    batch_size = n * t_steps
+    minibatch_size = batch_size // args.num_minibatches
+    anneal_steps = args.anneal_steps or args.total_steps
+
+    obs_buf = torch.zeros((t_steps, n, obs_dim))
+    act_buf = torch.zeros((t_steps, n, act_dim))
+    logp_buf, rew_buf, done_buf, val_buf = (torch.zeros((t_steps, n)) for _ in range(4))
+
+    raw_obs, _ = envs.reset(seed=config["seed"] * 10_007 + global_step)
+    next_done = torch.zeros(n)
+    discounted = np.zeros(n)
+    episode_true, episode_learned, episode_len = np.zeros(n), np.zeros(n), np.zeros(n, np.int64)
+    started, start_step, update = time.time(), global_step, 0
+    recent_true = []
+
+    while global_step < args.total_steps:
+        update += 1
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * max(0.0, 1.0 - global_step / anneal_steps)
+        episodes = []
+        for t in range(t_steps):
+            obs_rms.update(raw_obs)
+            obs = torch.as_tensor(C.normalize_obs(raw_obs, obs_rms))
+            with torch.no_grad():
+                mean = net.actor_mean(obs)
+                std = net.actor_logstd.expand_as(mean).exp()
+                action = mean + std * torch.randn_like(mean)
+                logp = torch.distributions.Normal(mean, std).log_prob(action).sum(-1)
+                value = net.critic(obs).squeeze(-1)
+            env_action = np.clip(action.numpy(), low, high)
+            next_raw, true_reward, terminated, truncated, info = envs.step(env_action)
+            if reward_model is not None:
+                with torch.no_grad():
+                    learned = reward_model.normalized_reward(
+                        torch.as_tensor(C.reward_input(raw_obs, env_action))).numpy()
+                reward = learned
+            else:
+                learned = np.full(n, np.nan)
+                reward = true_reward
+            done = np.logical_or(terminated, truncated)
+            scaled = scale_rewards(reward, discounted, return_rms, done.astype(np.float64), args.gamma)
+            # A time limit is not a real end: bootstrap from the value of the observation it cut off at.
+            cut = np.flatnonzero(truncated & ~terminated)
+            if len(cut):
+                final = np.stack([info["final_obs"][i] for i in cut])
+                with torch.no_grad():
+                    final_value = net.critic(torch.as_tensor(C.normalize_obs(final, obs_rms))).squeeze(-1)
+                scaled[cut] += args.gamma * final_value.numpy()
+
+            obs_buf[t], act_buf[t], logp_buf[t], val_buf[t] = obs, action, logp, value
+            rew_buf[t] = torch.as_tensor(scaled, dtype=torch.float32)
+            done_buf[t] = next_done
+            next_done = torch.as_tensor(done, dtype=torch.float32)
+
+            episode_true += true_reward
+            episode_learned += learned
+            episode_len += 1
+            global_step += n
+            for i in np.flatnonzero(done):
+                episodes.append({"step": global_step, "true_return": float(episode_true[i]),
+                                 "learned_return": None if reward_model is None else float(episode_learned[i]),
+                                 "length": int(episode_len[i])})
+                recent_true.append(float(episode_true[i]))
+                episode_true[i] = episode_learned[i] = episode_len[i] = 0
+            raw_obs = next_raw
+
+        with torch.no_grad():
+            next_value = net.critic(torch.as_tensor(C.normalize_obs(raw_obs, obs_rms))).squeeze(-1)
+        advantages, returns = compute_gae(rew_buf, val_buf, done_buf, next_value, next_done,
+                                          args.gamma, args.gae_lambda)
+
+        b_obs, b_act = obs_buf.reshape(-1, obs_dim), act_buf.reshape(-1, act_dim)
+        b_logp, b_adv = logp_buf.reshape(-1), advantages.reshape(-1)
+        b_ret, b_val = returns.reshape(-1), val_buf.reshape(-1)
+        clip_fractions = []
+        for epoch in range(args.update_epochs):
+            order = torch.randperm(batch_size)
+            for start in range(0, batch_size, minibatch_size):
+                mb = order[start:start + minibatch_size]
+                new_logp, entropy = log_prob_and_entropy(net, b_obs[mb], b_act[mb])
+                log_ratio = new_logp - b_logp[mb]
+                ratio = log_ratio.exp()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean()
+                    clip_fractions.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+                adv = b_adv[mb]
+                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                pg_loss = clipped_policy_loss(adv, ratio, args.clip_coef)
+                new_value = net.critic(b_obs[mb]).squeeze(-1)
+                v_clipped = b_val[mb] + torch.clamp(new_value - b_val[mb], -args.clip_coef, args.clip_coef)
+                v_loss = 0.5 * torch.max((new_value - b_ret[mb]) ** 2, (v_clipped - b_ret[mb]) ** 2).mean()
+                loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+                optimizer.step()
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        sps = (global_step - start_step) / (time.time() - started)
+        if episodes:
+            C.append_jsonl(os.path.join(args.run, C.METRICS),
+                           [{"stage": "train_policy", "time": round(time.time(), 3), "reward": args.reward, **e}
+                            for e in episodes])
+        if update % args.save_every == 0:
+            save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args)
+        if update % 10 == 0 or global_step >= args.total_steps:
+            mean_true = np.mean(recent_true[-20:]) if recent_true else float("nan")
+            print(f"train_policy: step {global_step}/{args.total_steps}, true return (last 20 episodes) "
+                  f"{mean_true:.1f}, policy loss {pg_loss.item():.3f}, value loss {v_loss.item():.3f}, "
+                  f"kl {approx_kl.item():.4f}, clip {np.mean(clip_fractions):.3f}, {sps:.0f} steps/s", flush=True)
+
+    envs.close()
+    save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args)
+    C.log_metrics(args.run, "train_policy_summary", step=global_step, reward=args.reward,
+                  steps_per_second=round((global_step - start_step) / (time.time() - started), 1),
+                  true_return_last20=float(np.mean(recent_true[-20:])) if recent_true else None)
+    if not args.no_plot:
+        plot_learning_curve(args.run)
+
+
+if __name__ == "__main__":
+    C.run_main(main)

@@ -197,6 +197,10 @@ class ClipRenderer:
         viewer = self.env.unwrapped.mujoco_renderer._get_viewer("rgb_array")
         viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        # HalfCheetah's default camera stays put and a running agent leaves the picture: follow the torso
+        # (gymnasium resets the camera type on every render, so we move the free camera's target instead).
+        self.camera = viewer.cam
+        self.follow = "trackbodyid" not in self.env.unwrapped.mujoco_renderer.default_cam_config
         self.every = max(1, math.ceil(1.0 / config["dt"] / max_fps))  # skip steps above max_fps
         self.fps = 1.0 / config["dt"] / self.every
 
@@ -205,7 +209,9 @@ class ClipRenderer:
         out = []
         for t in range(0, len(qpos), self.every):
             self.env.unwrapped.set_state(qpos[t], qvel[t])
-            out.append(self.env.render())
+            if self.follow:
+                self.camera.lookat[0] = self.env.unwrapped.data.xpos[1][0]
+            out.append(self.env.render().copy())  # the renderer reuses one buffer
         return np.stack(out)
 
     def write(self, path, qpos, qvel):

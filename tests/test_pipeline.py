@@ -1,0 +1,224 @@
+"""Issue 2: the stages over the data contract, and one end-to-end run of loop.sh."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import collect
+import contract as C
+import train_reward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+
+def run_stage(*args, env=None, timeout=300):
+    return subprocess.run([PYTHON, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "MUJOCO_GL": "egl", **(env or {})})
+
+
+# ------------------------------------------------------------------------------ segments and config
+
+def test_seconds_to_steps_uses_env_dt(tmp_path):
+    assert C.seconds_to_steps(1.5, 0.05) == 30
+    assert C.seconds_to_steps(1.5, 0.008) == 188
+    assert C.seconds_to_steps(0.01, 0.05) == 2  # never a one-step segment
+    config = C.open_run(str(tmp_path / "run"), "HalfCheetah-v5", seed=3, segment_seconds=1.5)
+    assert config["dt"] == pytest.approx(0.05)
+    assert config["segment_steps"] == 30
+    assert config["obs_shape"] == [17] and config["act_shape"] == [6]
+    assert config["format_version"] == C.FORMAT_VERSION
+    hopper = C.open_run(str(tmp_path / "hop"), "Hopper-v5", segment_seconds=1.0)
+    assert hopper["segment_steps"] == 125
+    assert hopper["env_kwargs"] == {"terminate_when_unhealthy": False}
+
+
+def test_cut_segments_are_contiguous_non_overlapping_windows():
+    rng = np.random.default_rng(0)
+    length, seg = 100, 30
+    episode = {"obs": np.arange(length)[:, None].repeat(3, 1).astype(np.float32),
+               "acts": np.zeros((length, 2)), "rewards": np.arange(length, dtype=np.float32),
+               "qpos": np.zeros((length, 4)), "qvel": np.zeros((length, 4))}
+    for _ in range(20):
+        segments = collect.cut_segments(episode, seg, rng)
+        assert len(segments) == 3
+        starts = [int(s["rewards"][0]) for s in segments]
+        assert 0 <= starts[0] <= length % seg
+        assert starts == [starts[0], starts[0] + seg, starts[0] + 2 * seg]
+        for s in segments:
+            assert s["obs"].shape == (seg, 3) and s["acts"].shape == (seg, 2)
+            np.testing.assert_array_equal(s["rewards"], np.arange(s["rewards"][0], s["rewards"][0] + seg))
+    short = {k: v[:20] for k, v in episode.items()}
+    assert collect.cut_segments(short, seg, rng) == []
+
+
+def test_pairs_due_follows_the_paper_schedule():
+    class Args:
+        pairs, label_budget, schedule_steps, pretrain_fraction, decay_steps = None, 400, 100_000, 0.25, None
+    args = Args()
+    assert collect.pairs_due(args, 0, 0) == 100          # 25% before any RL
+    assert collect.pairs_due(args, 0, 100) == 0          # asked already: nothing twice
+    assert collect.pairs_due(args, 100_000, 0) == 400    # whole budget due at the end
+    assert collect.pairs_due(args, 10**9, 400) == 0
+    # the rate c/(T+c) decays: the first half of training asks for more than the second half
+    first = collect.pairs_due(args, 50_000, 100)
+    second = collect.pairs_due(args, 100_000, 100 + first)
+    assert first > second > 0
+
+
+# ------------------------------------------------------------------------------------- the loss
+
+def test_bradley_terry_loss_matches_hand_computed_values():
+    r_left, r_right = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, -1.0])
+    target = torch.tensor([1.0, 0.5, 0.0])
+    loss = train_reward.preference_loss(r_left, r_right, target, random_answer=0.0)
+    expected = [math.log(1 + math.exp(-1.0)), math.log(2.0), math.log(1 + math.exp(3.0))]
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------- label parsing
+
+def test_parse_label_accepts_the_contract_and_rejects_the_rest():
+    good = {"query_id": 3, "choice": "left", "labeler": "ana", "time": 1.5}
+    assert C.parse_label(good) is None
+    assert C.parse_label(good, known_queries={3: {}}) is None
+    assert "not in" in C.parse_label(good, known_queries={4: {}})
+    for bad in ({**good, "choice": "LEFT"}, {**good, "query_id": "3"}, {**good, "query_id": True},
+                {**good, "labeler": ""}, {**good, "time": "now"}, {k: v for k, v in good.items() if k != "choice"},
+                [good], "left"):
+        assert C.parse_label(bad) is not None, bad
+    for choice, target in (("left", 1.0), ("right", 0.0), ("equal", 0.5), ("skip", None)):
+        assert C.preference_target(choice) == target
+
+
+def test_read_labels_skips_malformed_lines_keeps_the_rest_and_applies_undo(tmp_path, capsys):
+    run = str(tmp_path)
+    lines = [json.dumps({"query_id": 0, "choice": "left", "labeler": "a", "time": 1}),
+             "{not json",
+             json.dumps({"query_id": 1, "choice": "sideways", "labeler": "a", "time": 2}),
+             json.dumps({"query_id": 1, "choice": "right", "labeler": "b", "time": 3}),
+             json.dumps({"query_id": 2, "choice": "equal", "labeler": "a", "time": 4}),
+             json.dumps({"undo": True, "query_id": 2, "labeler": "a", "time": 5}),
+             json.dumps({"query_id": 0, "choice": "skip", "labeler": "c", "time": 6}),
+             '{"query_id": 3, "choice": "le']  # torn last line, as a crash mid-append leaves it
+    with open(os.path.join(run, C.LABELS), "w") as f:
+        f.write("\n".join(lines))
+    labels = C.read_labels(run)
+    assert [(l["query_id"], l["choice"], l["labeler"]) for l in labels] == [(0, "left", "a"), (1, "right", "b"),
+                                                                            (0, "skip", "c")]
+    err = capsys.readouterr().err
+    assert "line 2 is malformed" in err and "line 8 is malformed" in err and "sideways" in err
+    # appending after a torn line starts a fresh line, so the new record survives intact
+    C.append_jsonl(os.path.join(run, C.LABELS), {"query_id": 5, "choice": "left", "labeler": "d", "time": 7})
+    assert C.read_labels(run)[-1]["query_id"] == 5
+
+
+# --------------------------------------------------------------------------------------- rendering
+
+def test_rendering_a_saved_segment_gives_frames_that_change(tmp_path):
+    # Rendered in a subprocess, as collect.py does: one offscreen GL context per process.
+    run = str(tmp_path / "run")
+    result = run_stage("collect.py", "--run", run, "--env", "HalfCheetah-v5", "--pairs", "2", "--num-envs", "2")
+    assert result.returncode == 0, result.stderr
+    queries = C.read_queries(run)
+    assert len(queries) == 2
+    segments = C.load_segments(run)
+    config = C.open_run(run)
+    assert segments["obs"].shape == (4, config["segment_steps"], 17)
+    assert segments["qpos"].shape == (4, config["segment_steps"], config["nq"])
+    import imageio.v2 as imageio
+    for q in queries.values():
+        for side in ("left_clip", "right_clip"):
+            frames = np.stack(imageio.mimread(os.path.join(run, q[side]))).astype(int)
+            assert frames.shape == (config["segment_steps"], 128, 128, 3)
+            assert frames.std() > 5  # not a blank picture
+            # the agent moves: later frames differ from the first (and not only by video noise)
+            assert np.abs(frames[0] - frames[-1]).mean() > 1
+            assert np.abs(frames[0] - frames[1]).max() > 30
+
+
+# ------------------------------------------------------------------------------------------ PPO
+
+@pytest.mark.slow
+def test_ppo_improves_the_true_return_of_inverted_pendulum(tmp_path):
+    run = str(tmp_path / "pendulum")
+    result = run_stage("train_policy.py", "--run", run, "--env", "InvertedPendulum-v5", "--reward", "true",
+                       "--total-steps", "30000", "--num-envs", "4", "--num-steps", "256", "--no-plot",
+                       timeout=120)
+    assert result.returncode == 0, result.stderr
+    episodes = [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "train_policy"]
+    first = np.mean([e["true_return"] for e in episodes[:20]])
+    last = np.mean([e["true_return"] for e in episodes[-20:]])
+    assert last > 5 * first and last > 100, (first, last)
+
+
+# ----------------------------------------------------------------------------------- end to end
+
+def agreement_with_oracle(run, round_index):
+    """Share of the given round's query pairs on which the saved reward model prefers the segment with the
+    larger true return."""
+    model = C.load_reward_model(run)
+    segments = C.load_segments(run)
+    queries = [q for q in C.read_queries(run).values() if q["round"] == round_index]
+    index = {int(s): i for i, s in enumerate(segments["ids"])}
+    x = torch.as_tensor(C.reward_input(segments["obs"], segments["acts"]))
+    with torch.no_grad():
+        predicted = model.normalized_reward(x.reshape(-1, x.shape[-1])).reshape(x.shape[:2]).sum(1).numpy()
+    true = segments["rewards"].sum(1)
+    agree = [(predicted[index[q["left"]]] > predicted[index[q["right"]]]) ==
+             (true[index[q["left"]]] > true[index[q["right"]]]) for q in queries]
+    return float(np.mean(agree)), len(agree)
+
+
+@pytest.mark.slow
+def test_loop_end_to_end_on_a_tiny_budget(tmp_path):
+    run = str(tmp_path / "e2e")
+    env = {"RUN": run, "ENV_ID": "HalfCheetah-v5", "TOTAL_STEPS": "12288", "STEPS_PER_ROUND": "6144",
+           "LABELS": "80", "CLIPS": "1", "NUM_ENVS": "4", "REWARD_STEPS": "150", "PRETRAIN_REWARD_STEPS": "300",
+           "EVAL_EPISODES": "2", "PYTHON": PYTHON}
+    result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "random policy:" in result.stdout and "trained agent:" in result.stdout
+
+    # Every file of the contract exists and parses.
+    config = C.open_run(run, "HalfCheetah-v5")
+    for name in (C.CONFIG, C.QUERIES, C.LABELS, C.REWARD_MODEL, C.POLICY, C.METRICS, C.LEARNING_CURVE):
+        assert os.path.getsize(os.path.join(run, name)) > 0, name
+    queries = C.read_queries(run)
+    labels = C.read_labels(run, queries)
+    assert len(queries) == 80 and sorted(l["query_id"] for l in labels) == sorted(queries)
+    segments = C.load_segments(run)
+    assert len(np.unique(segments["ids"])) == len(segments["ids"])
+    assert segments["obs"].shape[1:] == (config["segment_steps"], 17)
+    for q in queries.values():
+        assert q["left"] in segments["ids"] and q["right"] in segments["ids"]
+        assert os.path.exists(os.path.join(run, q["left_clip"])) and os.path.exists(os.path.join(run, q["right_clip"]))
+    assert {q["selection"] for q in queries.values()} == {"random", "disagreement"}
+    assert C.policy_step(run) >= 12288
+    stages = {m["stage"] for m in C.read_jsonl(os.path.join(run, C.METRICS))}
+    assert {"collect", "label", "train_reward", "train_policy", "train_policy_summary", "evaluate"} <= stages
+    with open(os.path.join(run, C.LEARNING_CURVE), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    evals = [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "evaluate"]
+    assert {e["policy"] for e in evals} == {"random", f"step{C.policy_step(run)}"}
+    assert all(os.path.exists(os.path.join(run, e["clip"])) for e in evals)
+
+    # The reward model agrees with the oracle on pairs it never trained on: fresh ones from a new rollout.
+    result = run_stage("collect.py", "--run", run, "--pairs", "150", "--selection", "random", "--no-clips",
+                       "--num-envs", "4")
+    assert result.returncode == 0, result.stderr
+    last_round = max(q["round"] for q in C.read_queries(run).values())
+    agreement, n = agreement_with_oracle(run, last_round)
+    assert n == 150 and agreement > 0.7, agreement
+
+    # Re-running the finished loop does no new work: no label asked or counted twice.
+    result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(C.read_labels(run)) == 80

@@ -15,6 +15,7 @@ Reads: config.json, reward_model.pt, policy.pt. Writes: policy.pt, metrics.jsonl
 """
 import argparse
 import os
+import resource
 import time
 
 import numpy as np
@@ -85,10 +86,20 @@ def scale_rewards(rewards, discounted, return_rms, dones, gamma, clip=10.0):
     return np.clip(rewards / np.sqrt(return_rms.var[0] + 1e-8), -clip, clip)
 
 
+LOG_SQRT_2PI = 0.5 * float(np.log(2 * np.pi))
+
+
+def gaussian_log_prob(mean, log_std, action):
+    """log N(action; mean, exp(log_std)) summed over action dims: (B, act_dim) -> (B,). Written out because
+    torch.distributions' argument checks cost more than the arithmetic on these tiny batches."""
+    return (-0.5 * ((action - mean) * torch.exp(-log_std)) ** 2 - log_std - LOG_SQRT_2PI).sum(-1)
+
+
 def log_prob_and_entropy(net, obs, action):
+    """(log pi(action | obs) (B,), entropy of pi(. | obs) (B,))."""
     mean = net.actor_mean(obs)
-    dist = torch.distributions.Normal(mean, net.actor_logstd.expand_as(mean).exp())
-    return dist.log_prob(action).sum(-1), dist.entropy().sum(-1)
+    log_std = net.actor_logstd.expand_as(mean)
+    return gaussian_log_prob(mean, log_std, action), (log_std + 0.5 + LOG_SQRT_2PI).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -160,7 +171,9 @@ def main():
                               f"has {obs_dim} + {act_dim}")
 
     net = C.build_actor_critic(obs_dim, act_dim, args.hidden)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, eps=1e-5)
+    # fused: one kernel for all parameters instead of ~10 small ops each (Adam was a quarter of the time)
+    parameters = list(net.parameters())  # walking the module tree every minibatch costs more than the step
+    optimizer = torch.optim.Adam(parameters, lr=args.lr, eps=1e-5, fused=True)
     obs_rms, return_rms = C.RunningMeanStd((obs_dim,)), C.RunningMeanStd(())
     global_step = 0
     path = os.path.join(args.run, C.POLICY)
@@ -208,9 +221,9 @@ def main():
             obs = torch.as_tensor(C.normalize_obs(raw_obs, obs_rms))
             with torch.no_grad():
                 mean = net.actor_mean(obs)
-                std = net.actor_logstd.expand_as(mean).exp()
-                action = mean + std * torch.randn_like(mean)
-                logp = torch.distributions.Normal(mean, std).log_prob(action).sum(-1)
+                log_std = net.actor_logstd.expand_as(mean)
+                action = mean + log_std.exp() * torch.randn_like(mean)
+                logp = gaussian_log_prob(mean, log_std, action)
                 value = net.critic(obs).squeeze(-1)
             env_action = np.clip(action.numpy(), low, high)
             next_raw, true_reward, terminated, truncated, info = envs.step(env_action)
@@ -277,7 +290,7 @@ def main():
                 loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
                 optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                 optimizer.step()
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
@@ -299,7 +312,8 @@ def main():
     save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args)
     C.log_metrics(args.run, "train_policy_summary", step=global_step, reward=args.reward,
                   steps_per_second=round((global_step - start_step) / (time.time() - started), 1),
-                  true_return_last20=float(np.mean(recent_true[-20:])) if recent_true else None)
+                  true_return_last20=float(np.mean(recent_true[-20:])) if recent_true else None,
+                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     if not args.no_plot:
         plot_learning_curve(args.run)
 

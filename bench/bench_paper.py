@@ -1,0 +1,147 @@
+"""The paper's headline experiment (Christiano et al. 2017, Figure 2): PPO on the true reward against the full
+loop with the oracle teacher at several label budgets, same step budget and seeds, on HalfCheetah-v5 and
+Hopper-v5 (fixed horizon, as the paper did).
+
+    python bench/bench_paper.py                      # default budget: 1 seed, 1M steps, 2 jobs at a time
+    python bench/bench_paper.py --seeds 0 1 2 --jobs 16   # e.g. on a 16-core machine
+
+Resumable: each condition lives in its own run directory under --out and is marked done by done.json;
+a re-run does only what is missing (and resumes a condition that was interrupted). Writes the table to
+<out>/paper.md and the plot to <out>/paper.png, and prints both paths.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import contract as C  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--envs", nargs="+", default=["HalfCheetah-v5", "Hopper-v5"])
+    p.add_argument("--labels", nargs="+", type=int, default=[350, 700, 1400], help="label budgets")
+    p.add_argument("--steps", type=int, default=1_000_000, help="policy env steps of every condition")
+    p.add_argument("--steps-per-round", type=int, default=50_000, help="policy steps between label rounds")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--jobs", type=int, default=2, help="conditions run at once (one core each)")
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "paper"))
+    return p.parse_args()
+
+
+def condition_name(env_id, labels, seed):
+    return f"{env_id}-{'true' if labels is None else f'{labels}labels'}-s{seed}"
+
+
+def run_condition(args, env_id, labels, seed):
+    """Train one condition to the end (resuming if interrupted) and return its done.json record."""
+    run = os.path.join(args.out, condition_name(env_id, labels, seed))
+    done_path = os.path.join(run, "done.json")
+    if os.path.exists(done_path):
+        with open(done_path) as f:
+            return json.load(f)
+    os.makedirs(args.out, exist_ok=True)
+    started = time.time()
+    log = open(os.path.join(args.out, condition_name(env_id, labels, seed) + ".log"), "a")
+    env = {**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"}
+    python = sys.executable
+    if labels is None:
+        commands = [[python, "train_policy.py", "--run", run, "--env", env_id, "--seed", str(seed), "--reward",
+                     "true", "--total-steps", str(args.steps)],
+                    [python, "collect.py", "--run", run, "--evaluate", str(args.eval_episodes), "--no-clips"]]
+    else:
+        env.update(RUN=run, ENV_ID=env_id, SEED=str(seed), LABELS=str(labels), TOTAL_STEPS=str(args.steps),
+                   STEPS_PER_ROUND=str(args.steps_per_round), CLIPS="0", EVAL_EPISODES=str(args.eval_episodes),
+                   PYTHON=python)
+        commands = [["bash", "loop.sh"]]
+    for command in commands:
+        result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            raise RuntimeError(f"{condition_name(env_id, labels, seed)} failed; see its .log in {args.out}")
+    metrics = C.read_jsonl(os.path.join(run, C.METRICS), warn=False)
+    evaluation = [m for m in metrics if m["stage"] == "evaluate" and m["policy"] != "random"][-1]
+    episodes = [m for m in metrics if m["stage"] == "train_policy"]
+    record = {"env": env_id, "labels": labels, "seed": seed, "steps": args.steps,
+              "eval_true_return": evaluation["true_return_mean"],
+              "train_true_return_last20": float(np.mean([e["true_return"] for e in episodes[-20:]])),
+              "minutes": round((time.time() - started) / 60, 1)}
+    C.write_json_atomic(done_path, record)
+    print(f"done: {condition_name(env_id, labels, seed)}: true return {record['eval_true_return']:.1f} "
+          f"({record['minutes']} min)", flush=True)
+    return record
+
+
+def curve(run, bins=40, steps=None):
+    """Mean true episode return in equal step bins: (bin centres, means)."""
+    episodes = [m for m in C.read_jsonl(os.path.join(run, C.METRICS), warn=False) if m["stage"] == "train_policy"]
+    if not episodes:
+        return np.array([]), np.array([])
+    x = np.array([e["step"] for e in episodes], float)
+    y = np.array([e["true_return"] for e in episodes], float)
+    edges = np.linspace(0, steps or x.max(), bins + 1)
+    which = np.clip(np.digitize(x, edges) - 1, 0, bins - 1)
+    means = np.array([y[which == b].mean() if np.any(which == b) else np.nan for b in range(bins)])
+    return (edges[:-1] + edges[1:]) / 2, means
+
+
+def report(args, records):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lines = [f"Budget: {args.steps:,} policy steps per condition, seeds {args.seeds}, label rounds every "
+             f"{args.steps_per_round:,} steps, true return = mean of {args.eval_episodes} evaluation episodes "
+             f"of the final policy (mean over seeds).", "",
+             "| env | condition | final true return | ratio to true-reward RL |", "|---|---|---|---|"]
+    fig, axes = plt.subplots(1, len(args.envs), figsize=(6 * len(args.envs), 4), squeeze=False)
+    for ax, env_id in zip(axes[0], args.envs):
+        base = [r["eval_true_return"] for r in records if r["env"] == env_id and r["labels"] is None]
+        base_mean = float(np.mean(base)) if base else float("nan")
+        for labels in [None] + list(args.labels):
+            rows = [r for r in records if r["env"] == env_id and r["labels"] == labels]
+            if not rows:
+                continue
+            value = float(np.mean([r["eval_true_return"] for r in rows]))
+            name = "RL on the true reward" if labels is None else f"{labels} synthetic labels"
+            lines.append(f"| {env_id} | {name} | {value:.0f} | {value / base_mean:.2f} |")
+            curves = [curve(os.path.join(args.out, condition_name(env_id, labels, s)), steps=args.steps)
+                      for s in args.seeds]
+            curves = [c for c in curves if len(c[0])]
+            if curves:
+                ax.plot(curves[0][0], np.nanmean([c[1] for c in curves], axis=0), label=name,
+                        color="black" if labels is None else None, linestyle="--" if labels is None else "-")
+        ax.set_title(env_id)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("true episode return")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    png = os.path.join(args.out, "paper.png")
+    fig.savefig(png, dpi=90)
+    table = "\n".join(lines) + "\n"
+    C.write_atomic(os.path.join(args.out, "paper.md"), table.encode())
+    print(table)
+    print(f"table: {os.path.join(args.out, 'paper.md')}\nplot:  {png}")
+
+
+def main():
+    args = parse_args()
+    conditions = [(env_id, labels, seed) for seed in args.seeds for env_id in args.envs
+                  for labels in [None] + list(args.labels)]
+    print(f"bench_paper: {len(conditions)} conditions of {args.steps:,} steps, {args.jobs} at a time, "
+          f"results in {args.out}", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        records = list(pool.map(lambda c: run_condition(args, *c), conditions))
+    report(args, records)
+
+
+if __name__ == "__main__":
+    main()

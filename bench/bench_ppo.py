@@ -1,0 +1,125 @@
+"""PPO throughput: our train_policy.py against Stable-Baselines3's PPO, side by side in one run, same env,
+same step budget, same hyperparameters (8 envs x 256 steps, 10 epochs of 64-sample minibatches, 64x64 tanh
+networks, observation and reward normalisation), each with the env's true reward and with a learned reward
+ensemble (3 members, 2x64) evaluated for all envs of a step in one batched forward pass.
+
+    pip install stable-baselines3==2.9.2     # for this benchmark only (make bench-ppo does it)
+    python bench/bench_ppo.py --steps 200000
+
+Each configuration runs in its own process, one torch thread (the fairest setting for both on 2 cores);
+reported: env steps per second over the whole run (rollouts and updates) and the process's peak resident
+memory. Writes a markdown table to bench/out/ppo.md.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SB3_SCRIPT = r'''
+import sys, time, numpy as np, torch, gymnasium as gym
+sys.path.insert(0, ROOT)
+import contract as C
+from stable_baselines3 import PPO
+from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize, VecEnvWrapper
+torch.set_num_threads(1)
+config = C.open_run(RUN)
+
+class LearnedReward(VecEnvWrapper):
+    """Replaces the env reward by the reward ensemble's, one batched forward pass per vector step."""
+    def __init__(self, venv, model):
+        super().__init__(venv)
+        self.model = model
+    def reset(self):
+        self.last_obs = self.venv.reset()
+        return self.last_obs
+    def step_async(self, actions):
+        self.actions = np.clip(actions, self.action_space.low, self.action_space.high)
+        self.venv.step_async(actions)
+    def step_wait(self):
+        obs, _, dones, infos = self.venv.step_wait()
+        with torch.no_grad():
+            reward = self.model.normalized_reward(torch.as_tensor(C.reward_input(self.last_obs, self.actions))).numpy()
+        self.last_obs = obs
+        return obs, reward, dones, infos
+
+venv = DummyVecEnv([lambda: C.make_env(config["env_id"], config["env_kwargs"]) for _ in range(8)])
+if REWARD == "learned":
+    venv = LearnedReward(venv, C.load_reward_model(RUN))
+venv = VecNormalize(venv, gamma=0.99)
+model = PPO("MlpPolicy", venv, n_steps=256, batch_size=64, n_epochs=10, learning_rate=3e-4, gamma=0.99,
+            gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5, device="cpu",
+            seed=0, verbose=0)
+start = time.time()
+model.learn(total_timesteps=STEPS)
+print("SPS", STEPS / (time.time() - start))
+'''
+
+
+def run_measured(command):
+    """Run a command as a child and return (wall seconds, peak RSS MiB, stdout) using wait4's rusage."""
+    start = time.time()
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"})
+    out = proc.stdout.read()
+    _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{out[-3000:]}")
+    return time.time() - start, rusage.ru_maxrss / 1024, out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--env", default="HalfCheetah-v5")
+    p.add_argument("--steps", type=int, default=200_000, help="env steps per configuration")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "out"))
+    args = p.parse_args()
+    py = sys.executable
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        # A reward model trained on a few oracle labels, so the learned-reward runs use a real one.
+        base = os.path.join(tmp, "base")
+        for command in (["collect.py", "--run", base, "--env", args.env, "--pairs", "100", "--no-clips"],
+                        ["label.py", "teach", "--run", base], ["train_reward.py", "--run", base, "--steps", "100"]):
+            run_measured([py] + command)
+        rows = []
+        for impl in ("ours", "sb3"):
+            for reward in ("true", "learned"):
+                run = os.path.join(tmp, f"{impl}-{reward}")
+                subprocess.run(["cp", "-r", base, run], check=True)
+                if impl == "ours":
+                    command = [py, "train_policy.py", "--run", run, "--reward", reward, "--total-steps",
+                               str(args.steps), "--num-envs", "8", "--num-steps", "256", "--no-plot"]
+                else:
+                    script = SB3_SCRIPT.replace("ROOT", repr(ROOT)).replace("RUN", repr(run)) \
+                        .replace("REWARD", repr(reward)).replace("STEPS", str(args.steps))
+                    command = [py, "-c", script]
+                seconds, rss, out = run_measured(command)
+                sps = args.steps / seconds
+                rows.append((impl, reward, sps, rss, seconds))
+                print(f"{impl:4s} {reward:7s} reward: {sps:7.0f} steps/s, peak RSS {rss:6.0f} MiB, "
+                      f"{seconds:.0f} s", flush=True)
+    by = {(i, r): s for i, r, s, _, _ in rows}
+    lines = [f"{args.env}, {args.steps:,} steps per configuration, 8 envs, 1 torch thread, wall-clock incl. "
+             f"process start-up.", "",
+             "| implementation | reward | steps/s | peak RSS (MiB) |", "|---|---|---|---|"]
+    lines += [f"| {'ours (train_policy.py)' if i == 'ours' else 'Stable-Baselines3 ' + '2.9.2'} | {r} | "
+              f"{s:.0f} | {m:.0f} |" for i, r, s, m, _ in rows]
+    lines += ["", f"Speed-up over SB3: {by['ours', 'true'] / by['sb3', 'true']:.2f}x with the true reward, "
+              f"{by['ours', 'learned'] / by['sb3', 'learned']:.2f}x with the learned reward.",
+              f"Cost of the learned reward in our PPO: "
+              f"{100 * (by['ours', 'true'] / by['ours', 'learned'] - 1):.1f}% more time per step."]
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "ppo.md"), "w") as f:
+        f.write(table)
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()

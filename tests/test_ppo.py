@@ -1,0 +1,132 @@
+"""Issue 5: PPO pieces against hand-computed values, and checkpoints that resume."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import contract as C
+import train_policy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gae_matches_hand_computation():
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[1.0], [2.0], [3.0]])
+    values = torch.tensor([[0.5], [1.0], [1.5]])
+    no_dones = torch.zeros(3, 1)
+    adv, ret = train_policy.compute_gae(rewards, values, no_dones, torch.tensor([2.0]), torch.tensor([0.0]),
+                                        gamma, lam)
+    # delta_t = r_t + gamma V_{t+1} - V_t ; A_t = delta_t + gamma lam A_{t+1}
+    d2 = 3 + 0.9 * 2.0 - 1.5
+    d1 = 2 + 0.9 * 1.5 - 1.0
+    d0 = 1 + 0.9 * 1.0 - 0.5
+    a2 = d2
+    a1 = d1 + 0.72 * a2
+    a0 = d0 + 0.72 * a1
+    np.testing.assert_allclose(adv[:, 0].numpy(), [a0, a1, a2], rtol=1e-6)
+    np.testing.assert_allclose(ret[:, 0].numpy(), [a0 + 0.5, a1 + 1.0, a2 + 1.5], rtol=1e-6)
+
+    # An episode boundary before step 2: step 1 must not look past it.
+    dones = torch.tensor([[0.0], [0.0], [1.0]])
+    adv, _ = train_policy.compute_gae(rewards, values, dones, torch.tensor([2.0]), torch.tensor([0.0]), gamma, lam)
+    d1_cut = 2 - 1.0
+    np.testing.assert_allclose(adv[:, 0].numpy(), [d0 + 0.72 * d1_cut, d1_cut, d2], rtol=1e-6)
+
+    # The last step ended an episode: no bootstrap from next_value.
+    adv, _ = train_policy.compute_gae(rewards, values, no_dones, torch.tensor([2.0]), torch.tensor([1.0]), gamma, lam)
+    assert adv[2, 0].item() == pytest.approx(3 - 1.5)
+
+
+def test_clipped_objective_matches_hand_computation():
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    ratio = torch.tensor([1.5, 0.5, 0.9, 1.1])
+    loss = train_policy.clipped_policy_loss(adv, ratio, 0.2)
+    # per sample max(-A r, -A clip(r)): max(-1.5,-1.2)=-1.2; max(0.5,0.8)=0.8; max(-0.9,-0.9)=-0.9; max(1.1,1.1)=1.1
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 0.9 + 1.1) / 4)
+
+
+def test_gaussian_log_prob_and_entropy_match_torch_distributions():
+    torch.manual_seed(0)
+    mean, log_std, action = torch.randn(5, 3), torch.randn(5, 3) * 0.3, torch.randn(5, 3)
+    dist = torch.distributions.Normal(mean, log_std.exp())
+    np.testing.assert_allclose(train_policy.gaussian_log_prob(mean, log_std, action).numpy(),
+                               dist.log_prob(action).sum(-1).numpy(), rtol=1e-5)
+    net = C.build_actor_critic(4, 3)
+    obs = torch.randn(5, 4)
+    logp, entropy = train_policy.log_prob_and_entropy(net, obs, action)
+    dist = torch.distributions.Normal(net.actor_mean(obs), net.actor_logstd.expand(5, 3).exp())
+    np.testing.assert_allclose(logp.detach().numpy(), dist.log_prob(action).sum(-1).detach().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(entropy.detach().numpy(), dist.entropy().sum(-1).detach().numpy(), rtol=1e-5)
+
+
+def test_running_mean_std_equals_batch_statistics():
+    rng = np.random.default_rng(0)
+    data = rng.normal(3.0, 2.0, size=(1000, 4))
+    rms = C.RunningMeanStd((4,))
+    for chunk in np.array_split(data, 7):
+        rms.update(chunk)
+    np.testing.assert_allclose(rms.mean, data.mean(0), rtol=1e-3)
+    np.testing.assert_allclose(rms.var, data.var(0), rtol=1e-3)
+    normalized = C.normalize_obs(data, rms)
+    np.testing.assert_allclose(normalized.mean(0), 0, atol=1e-2)
+    np.testing.assert_allclose(normalized.std(0), 1, atol=1e-2)
+    assert np.abs(C.normalize_obs(np.full((1, 4), 1e6), rms)).max() == 10.0  # clipped
+
+
+def test_reward_scaling_divides_by_the_std_of_the_discounted_return():
+    rms = C.RunningMeanStd(())
+    discounted = np.zeros(2)
+    gamma = 0.5
+    returns = []
+    for t in range(4):
+        scaled = train_policy.scale_rewards(np.array([1.0, 2.0]), discounted, rms, np.array([0.0, float(t == 2)]),
+                                            gamma)
+        returns.append(discounted.copy())
+    # the running discounted return, reset at a done: env 0: 1, 1.5, 1.75, 1.875; env 1: 2, 3, 2 (reset), 3
+    np.testing.assert_allclose(np.array(returns), [[1, 2], [1.5, 3], [1.75, 2], [1.875, 3]])
+    expected_std = np.sqrt(np.var(np.array(returns).ravel()))
+    np.testing.assert_allclose(scaled, np.array([1.0, 2.0]) / expected_std, rtol=1e-3)
+
+
+def test_checkpoint_resumes_where_it_stopped(tmp_path):
+    run = str(tmp_path / "resume")
+    common = ["--reward", "true", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "4",
+              "--update-epochs", "2", "--no-plot"]
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    first = subprocess.run([sys.executable, "train_policy.py", "--run", run, "--env", "InvertedPendulum-v5",
+                            "--total-steps", "512", *common], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    ckpt = C.load_torch(os.path.join(run, C.POLICY), "policy")
+    assert ckpt["global_step"] == 512
+
+    # Loading the checkpoint rebuilds exactly the saved network and normalisers.
+    net = C.build_actor_critic(4, 1, ckpt["hidden"])
+    net.load_state_dict(ckpt["model"])
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(tensor, ckpt["model"][name])
+    rms = C.RunningMeanStd((4,))
+    rms.load_state_dict(ckpt["obs_rms"])
+    np.testing.assert_array_equal(rms.mean, ckpt["obs_rms"]["mean"])
+
+    # Asking for a step count already reached changes nothing.
+    with open(os.path.join(run, C.POLICY), "rb") as f:
+        before = f.read()
+    again = subprocess.run([sys.executable, "train_policy.py", "--run", run, "--total-steps", "512", *common],
+                           cwd=ROOT, capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and "already at step 512" in again.stdout
+    with open(os.path.join(run, C.POLICY), "rb") as f:
+        assert f.read() == before
+
+    # Resuming continues counting from the saved step with the saved statistics, not from scratch.
+    more = subprocess.run([sys.executable, "train_policy.py", "--run", run, "--total-steps", "1024", *common],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+    assert more.returncode == 0, more.stderr
+    resumed = C.load_torch(os.path.join(run, C.POLICY), "policy")
+    assert resumed["global_step"] == 1024
+    assert resumed["obs_rms"]["count"] > ckpt["obs_rms"]["count"] + 500
+    steps = [m["step"] for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "train_policy"]
+    assert steps == sorted(steps) and 512 < max(steps) <= 1024  # episode ends logged at their global step

@@ -11,6 +11,7 @@ Reads: config.json, policy.pt, reward_model.pt (disagreement selection), queries
 Writes: segments/round_RRRR.npz, clips/<segment_id>.mp4, queries.jsonl, metrics.jsonl.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -21,36 +22,55 @@ import numpy as np
 import contract as C
 
 
+def at_least(minimum, kind=int):
+    """argparse type: a number >= minimum, so that a mistyped flag is one sentence, not a traceback later."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not value >= minimum:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {text}")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", required=True, help="run directory, e.g. data/cheetah")
     p.add_argument("--env", default=None, help="gymnasium env id; required when the run is new")
-    p.add_argument("--seed", type=int, default=0, help="seed of a new run (stored in config.json)")
-    p.add_argument("--segment-seconds", type=float, default=1.5, help="segment duration of a new run")
-    p.add_argument("--num-envs", type=int, default=8, help="environments rolled out side by side")
-    p.add_argument("--pairs", type=int, default=None, help="number of pairs to ask about now")
-    p.add_argument("--label-budget", type=int, default=None,
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of a new run (stored in config.json)")
+    p.add_argument("--segment-seconds", type=at_least(1e-3, float), default=1.5,
+                   help="segment duration of a new run")
+    p.add_argument("--num-envs", type=at_least(1), default=8, help="environments rolled out side by side")
+    p.add_argument("--pairs", type=at_least(0), default=None, help="number of pairs to ask about now")
+    p.add_argument("--label-budget", type=at_least(0), default=None,
                    help="total pairs over the whole run; with --schedule-steps asks for as many as are due")
-    p.add_argument("--schedule-steps", type=int, default=None,
+    p.add_argument("--schedule-steps", type=at_least(1), default=None,
                    help="policy step by which the whole label budget should have been asked")
-    p.add_argument("--pretrain-fraction", type=float, default=0.25,
+    p.add_argument("--pretrain-fraction", type=at_least(0.0, float), default=0.25,
                    help="share of the label budget asked about the random policy, before any RL")
-    p.add_argument("--decay-steps", type=float, default=None,
+    p.add_argument("--decay-steps", type=at_least(1.0, float), default=None,
                    help="c in the paper's label rate c/(T+c); default schedule-steps/4")
     p.add_argument("--selection", choices=["random", "disagreement"], default="disagreement",
                    help="how to choose pairs; disagreement needs a reward model and falls back to random")
-    p.add_argument("--candidates-factor", type=int, default=10,
+    p.add_argument("--candidates-factor", type=at_least(1), default=10,
                    help="disagreement selection scores this many times more candidate pairs than it keeps")
     p.add_argument("--no-clips", action="store_true", help="skip rendering (synthetic teachers need none)")
-    p.add_argument("--clip-size", type=int, default=128, help="clip width and height in pixels")
-    p.add_argument("--clip-fps", type=float, default=30.0, help="at most this many frames per second")
+    p.add_argument("--clip-size", type=at_least(16), default=128, help="clip width and height in pixels")
+    p.add_argument("--clip-fps", type=at_least(0.1, float), default=30.0,
+                   help="at most this many frames per second")
     p.add_argument("--random-policy", action="store_true", help="act uniformly at random even if a policy exists")
-    p.add_argument("--evaluate", type=int, default=0, metavar="EPISODES",
+    p.add_argument("--evaluate", type=at_least(0), default=0, metavar="EPISODES",
                    help="instead of collecting: run this many whole episodes, log the true return, "
                         "and render a clip of the agent")
-    p.add_argument("--clip-seconds", type=float, default=10.0, help="length of the --evaluate clip")
-    return p.parse_args(argv)
+    p.add_argument("--clip-seconds", type=at_least(0.1, float), default=10.0,
+                   help="length of the --evaluate clip")
+    args = p.parse_args(argv)
+    if args.pretrain_fraction > 1:
+        p.error(f"argument --pretrain-fraction: must be at most 1, not {args.pretrain_fraction}")
+    return args
 
 
 # ------------------------------------------------------------------------------------------- rollout
@@ -61,6 +81,8 @@ def load_policy(args, config, action_space, seed):
     if args.random_policy or not os.path.exists(path):
         return None, 0
     checkpoint = C.load_torch(path, "policy checkpoint")
+    import torch
+    torch.set_num_threads(1)  # a batch of num_envs tiny MLP calls: more threads only wait on each other (10x+)
     policy = C.PolicyForRollout(checkpoint, config["obs_shape"][0], config["act_shape"][0],
                                 action_space.low, action_space.high, seed=seed)
     return policy, int(checkpoint["global_step"])
@@ -115,7 +137,8 @@ def cut_segments(episode, segment_steps, rng):
 
 def collect_segment_pool(args, config, needed, seed):
     """Roll out until at least `needed` segments are cut. Returns (pool dict of stacked arrays, policy_step,
-    mean true return of the finished episodes)."""
+    mean true return of the finished episodes). `seed` fixes everything: env resets, random or policy
+    actions, where segments are cut."""
     envs = [C.make_env(config["env_id"], config["env_kwargs"]) for _ in range(args.num_envs)]
     rng = np.random.default_rng(seed)
     policy, policy_step = load_policy(args, config, envs[0].action_space, seed)
@@ -215,14 +238,21 @@ class ClipRenderer:
         return np.stack(out)
 
     def write(self, path, qpos, qvel):
+        """Render to a temp file and rename it, so that a clip on disk is always whole (a crash leaves only a
+        .tmp-* file, which nothing reads and open_run removes later)."""
         import imageio.v2 as imageio
         frames = self.frames(qpos, qvel)
         tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-        with imageio.get_writer(tmp, fps=self.fps, codec="libx264", quality=7, macro_block_size=16,
-                                ffmpeg_log_level="error") as writer:
-            for frame in frames:
-                writer.append_data(frame)
-        os.replace(tmp, path)
+        try:
+            with imageio.get_writer(tmp, fps=self.fps, codec="libx264", quality=7, macro_block_size=16,
+                                    ffmpeg_log_level="error") as writer:
+                for frame in frames:
+                    writer.append_data(frame)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def close(self):
         self.env.close()
@@ -261,22 +291,33 @@ def main():
     os.makedirs(os.path.join(args.run, C.SEGMENTS_DIR), exist_ok=True)
     if args.evaluate:
         return evaluate(args, config)
+    # One collect at a time: two would give their rounds, segments and queries the same numbers.
+    with C.exclusive(args.run):
+        collect(args, config)
 
+
+def collect(args, config):
+    """One round: segments, then clips, then queries, in that order, so that whatever a crash interrupts,
+    every query on disk names segments (and clips) that are on disk. A re-run after a crash asks only what
+    is still due and numbers everything after what is on disk or named by a query."""
     queries = C.read_queries(args.run)
-    round_index, first_id = C.next_round_and_segment_id(args.run)
+    round_index, first_id = C.next_round_and_segment_id(args.run, queries)
     policy_step = 0 if args.random_policy else C.policy_step(args.run)
     n_pairs = pairs_due(args, policy_step, len(queries))
     if n_pairs <= 0:
         print(f"collect: {len(queries)} pairs asked so far, none due at policy step {policy_step}")
         return
     started = time.time()
-    seed = config["seed"] * 1_000_003 + round_index * 7919
-    rng = np.random.default_rng(seed)
+    # Independent streams for the rollout (env resets, actions, cuts) and for the choice of pairs, both fixed
+    # by the run's seed and the round: a fresh run with the same seed asks the same pairs.
+    rollout_seed, select_seed = (int(s) for s in np.random.SeedSequence([config["seed"], round_index])
+                                 .generate_state(2))
+    rng = np.random.default_rng(select_seed)
 
     model = C.load_reward_model(args.run) if args.selection == "disagreement" else None
     if args.selection == "disagreement" and model is None:
         print("collect: no reward model yet, so this round's pairs are chosen at random")
-    pool, policy_step, mean_return = collect_segment_pool(args, config, 2 * n_pairs, seed)
+    pool, policy_step, mean_return = collect_segment_pool(args, config, 2 * n_pairs, rollout_seed)
     member_returns = segment_returns_per_member(model, pool) if model is not None else None
     pairs = select_pairs(len(pool["obs"]), n_pairs, rng, member_returns, args.candidates_factor)
 

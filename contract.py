@@ -3,13 +3,20 @@ factory and the two networks whose weights travel between stages in files.
 
 Every stage imports this module; no stage imports another stage. Everything a stage writes goes through
 `write_atomic` (temp file + rename) or `append_jsonl` (whole lines, flushed and fsynced), so a reader never
-sees half a file. README.md documents every file and field listed here.
+sees half a file. README.md documents every file and field listed here; CRASH_SAFETY.md says what survives
+a crash.
 """
+import contextlib
+import errno
+import fcntl
 import json
+import math
 import os
+import signal
 import sys
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 
@@ -44,37 +51,126 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Run a stage's main(), turning UserError into one clear sentence and exit status 2."""
+    """Run a stage's main(): a UserError becomes one sentence and exit status 2, an OSError (a full disk, a
+    file that vanished, no permission) one sentence and exit status 1, instead of a traceback."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
+def describe_os_error(e):
+    """One sentence for an OSError, naming the file when it is known."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the disk is full (writing{where or ' a file'}); free some space and run again: the files "
+                f"written before are intact")
+    return (f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)).replace("\n", " ")
+
+
 # ---------------------------------------------------------------------------------------------- files
+
+_fault_counts = {}
+
+
+def _write_all(fd, data, name):
+    """os.write all of data to fd. Returns (bytes written, None) or, when the disk fills up or the write
+    fails, (bytes written before that, the OSError): the kernel reports a full disk as a short write.
+
+    Test hook, for tests/test_faults.py and tests/test_bad_input.py only: RLHF_FAULT="kill:NAME[:N]" makes
+    the Nth (default first) write of a file whose final name is NAME write half its bytes (never ending just
+    after a newline: mid-line) and then SIGKILL this process, as a crash mid-write would; "enospc:NAME[:N]"
+    writes as much and then fails as a full disk does."""
+    fault = os.environ.get("RLHF_FAULT")
+    if fault:
+        action, _, target = fault.partition(":")
+        target, _, nth = target.partition(":")
+        if target == name:
+            _fault_counts[name] = _fault_counts.get(name, 0) + 1
+            if _fault_counts[name] == int(nth or 1):
+                cut = len(data) // 2
+                cut += data[cut - 1:cut] == b"\n"
+                half = os.write(fd, data[:cut])
+                os.fsync(fd)
+                if action == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return half, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    view, written = memoryview(data), 0
+    while written < len(data):
+        try:
+            n = os.write(fd, view[written:])
+        except OSError as e:
+            return written, e
+        if n == 0:
+            return written, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written += n
+    return written, None
+
 
 def write_atomic(path, data: bytes):
     """Write bytes to path via a temp file in the same directory and a rename: readers see the old file or
-    the new one, never half of one. On failure (e.g. a full disk) the old file stays intact."""
+    the new one, never half of one. On failure (e.g. a full disk) the old file stays intact and the temp file
+    is removed; a SIGKILL leaves a .tmp-* file, which no reader looks at (open_run removes old ones)."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide artifacts from other users of the run
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _, error = _write_all(fd, data, os.path.basename(path))
+        if error is None:
+            os.fsync(fd)
+        os.close(fd)
+        fd = None
+        if error is not None:
+            raise OSError(error.errno, error.strerror, path)
         os.replace(tmp, path)
     except BaseException:
+        if fd is not None:
+            os.close(fd)
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory):
+    """Make a rename durable across a power cut (a SIGKILL needs no fsync at all); best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def exclusive(run_dir):
+    """Hold an flock on the run directory itself (so no lock file is left behind) while writing what only one
+    process at a time may write: two collect.py at once would give their rounds, segments and queries the same
+    numbers, two teachers would answer the same queries twice. The kernel drops the lock when its process
+    dies, so a SIGKILL never leaves the run locked. Not blocking: the second process is refused."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another process is writing queries or labels to {run_dir} right now (collect.py or "
+                            f"label.py teach, perhaps left running by a killed loop.sh); wait for it to finish")
+        except OSError:
+            pass  # a filesystem without flock (some network ones): go on unlocked, as before
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path, obj):
@@ -89,37 +185,64 @@ def save_torch_atomic(path, obj):
     write_atomic(path, buf.getvalue())
 
 
+# Keys each checkpoint of the contract must have (README.md): a file that lacks them is not ours.
+CHECKPOINT_KEYS = {
+    "reward_model.pt": ("model", "members", "hidden", "layers", "in_dim", "l2", "format_version"),
+    "policy.pt": ("model", "optimizer", "obs_rms", "return_rms", "global_step", "hidden", "format_version"),
+}
+
+
 def load_torch(path, what):
-    """Load a checkpoint written by save_torch_atomic; a truncated or foreign file is a UserError."""
+    """Load a checkpoint written by save_torch_atomic. A missing, truncated, corrupt (bad CRC: torch itself
+    does not check it) or foreign file, or one of another format version, is a UserError."""
     import torch
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
+    if not os.path.exists(path):
         raise UserError(f"{what} {path} does not exist")
+    advice = "delete it to start that stage afresh, or restore it from a backup"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # the CRC of every member: catches flipped bytes torch.load would take
+        if bad is not None:
+            raise ValueError(f"bad checksum in {bad}")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} disappeared while it was being read")
     except Exception as e:
-        raise UserError(f"{what} {path} is corrupt or truncated ({type(e).__name__}); delete it to start "
-                        f"that stage afresh")
+        raise UserError(f"{what} {path} is corrupt or truncated ({type(e).__name__}); {advice}")
+    keys = CHECKPOINT_KEYS.get(os.path.basename(path), ())
+    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise UserError(f"{what} {path} is not a checkpoint this code wrote (it lacks {', '.join(missing)}); "
+                        f"{advice}")
+    if keys and checkpoint["format_version"] != FORMAT_VERSION:
+        raise UserError(f"{what} {path} has data format version {checkpoint['format_version']}, this code reads "
+                        f"version {FORMAT_VERSION}; start a new run directory")
+    return checkpoint
 
 
 def append_jsonl(path, records):
     """Append whole JSON lines and fsync, so a crash loses at most the line being written (which readers
     skip as torn) and never an earlier one. One write() per call: O_APPEND makes concurrent writers of whole
-    lines safe on a local filesystem."""
+    lines safe on a local filesystem. On a full disk the part written is cut off again, the file is as it
+    was, and the OSError (ENOSPC) propagates."""
     if isinstance(records, dict):
         records = [records]
     if not records:
         return
     data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         # A previous crash may have left a torn last line without "\n"; start on a fresh line so this
         # record is not glued onto it.
-        if os.fstat(fd).st_size > 0:
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    data = b"\n" + data
-        os.write(fd, data)
+        size = os.fstat(fd).st_size
+        if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        written, error = _write_all(fd, data, os.path.basename(path))
+        if error is not None:
+            end = os.lseek(fd, 0, os.SEEK_CUR)  # with O_APPEND: just after the bytes we wrote
+            if written and os.fstat(fd).st_size == end:  # nobody appended after us: take our part back
+                os.ftruncate(fd, end - written)
+            raise OSError(error.errno, error.strerror, path)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -128,23 +251,33 @@ def append_jsonl(path, records):
 def read_jsonl(path, warn=True):
     """Read a JSON-lines file. Returns a list of dicts. Malformed lines (a torn last line after a crash, a
     hand edit gone wrong) are skipped and reported with their line number; the rest is kept."""
+    return [record for _, record in read_jsonl_numbered(path, warn)]
+
+
+def read_jsonl_numbered(path, warn=True):
+    """As read_jsonl, but a list of (line number, record): so that later checks can name the line."""
     records = []
-    if not os.path.exists(path):
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
         return records
-    with open(path, "rb") as f:
-        raw = f.read()
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line.decode("utf-8"))
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nesting
             if warn:
-                print(f"warning: {path} line {number} is malformed and was skipped ({e})", file=sys.stderr)
+                torn = (" (the last line, cut short: a crash or a write in progress)" if number == len(lines)
+                        else "")
+                print(f"warning: {path} line {number} is malformed{torn} and was skipped ({str(e)[:100]})",
+                      file=sys.stderr)
             continue
-        records.append(record)
+        records.append((number, record))
     return records
 
 
@@ -166,8 +299,9 @@ def make_env(env_id, env_kwargs=None, render_size=None):
         kwargs.update(render_mode="rgb_array", width=render_size, height=render_size)
     try:
         return gym.make(env_id, **kwargs)
-    except gym.error.Error as e:
-        raise UserError(f"unknown or unavailable environment id {env_id!r} ({e})")
+    except (gym.error.Error, ImportError) as e:  # ImportError: an id of the form module:Name-v0
+        reason = " ".join(str(e).split()).rstrip(".").replace(". ", "; ")
+        raise UserError(f"unknown or unavailable environment id {env_id!r} ({reason})")
     except TypeError as e:
         raise UserError(f"environment {env_id!r} does not accept these arguments: {e}")
 
@@ -176,22 +310,67 @@ def default_env_kwargs(env_id):
     return dict(FIXED_HORIZON_KWARGS.get(env_id.split("-")[0], {}))
 
 
+# The fields of config.json every stage relies on, with their types (others are checked where they are used;
+# test fixtures write only these).
+CONFIG_FIELDS = {"format_version": int, "env_id": str, "env_kwargs": dict, "seed": int, "dt": (int, float),
+                 "segment_steps": int}
+STALE_TEMP_SECONDS = 3600
+
+
+def read_config(run_dir):
+    """The run's config.json, checked; None if there is none. Refuses, in one sentence, a file that is not
+    JSON, not ours, or of another format version."""
+    path = os.path.join(run_dir, CONFIG)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir} is a file, not a run directory; pick another --run")
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{path} is not valid JSON ({str(e)[:100]}); restore it or start a new run directory")
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object; restore it or start a new run directory")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{run_dir} was made with data format version {config.get('format_version')}, "
+                        f"this code reads version {FORMAT_VERSION}; start a new run directory")
+    for key, kind in CONFIG_FIELDS.items():
+        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+            raise UserError(f"{path} lacks a valid {key!r}, so it was not written by this code or was edited; "
+                            f"restore it or start a new run directory")
+    return config
+
+
+def remove_stale_temp_files(run_dir):
+    """A process killed mid-write leaves its .tmp-* file behind. No reader ever looks at one, so they are
+    harmless; those older than an hour are removed (a younger one may belong to a stage writing right now)."""
+    now = time.time()
+    for directory in (run_dir, os.path.join(run_dir, SEGMENTS_DIR), os.path.join(run_dir, CLIPS_DIR)):
+        try:
+            names = [n for n in os.listdir(directory) if n.startswith(".tmp-")]
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                if now - os.lstat(path).st_mtime > STALE_TEMP_SECONDS:
+                    os.unlink(path)
+            except OSError:
+                pass
+
+
 def open_run(run_dir, env_id=None, seed=0, segment_seconds=1.5, create=True):
     """Return the run's config, creating data/<run>/ and config.json on first use.
 
-    A stage that names an env (--env) must match the run's; a run of another format version is refused."""
+    A stage that names an env (--env) must match the run's; a run of another format version is refused.
+    Nothing is written before the env id has been checked, so a mistyped one leaves no directory behind."""
     path = os.path.join(run_dir, CONFIG)
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                config = json.load(f)
-        except (ValueError, OSError) as e:
-            raise UserError(f"{path} is not valid JSON ({e})")
-        if config.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{run_dir} was made with data format version {config.get('format_version')}, "
-                            f"this code reads version {FORMAT_VERSION}; start a new run directory")
+    config = read_config(run_dir)
+    if config is not None:
         if env_id is not None and env_id != config["env_id"]:
             raise UserError(f"{run_dir} is a run of {config['env_id']}, not {env_id}; pick another --run")
+        remove_stale_temp_files(run_dir)
         return config
     if not create:
         raise UserError(f"{run_dir} is not a run directory (no {CONFIG}); run collect.py first")
@@ -199,6 +378,11 @@ def open_run(run_dir, env_id=None, seed=0, segment_seconds=1.5, create=True):
         raise UserError(f"{run_dir} has no {CONFIG} yet; name the environment with --env")
     env_kwargs = default_env_kwargs(env_id)
     env = make_env(env_id, env_kwargs)
+    try:
+        check_env(env, env_id)
+    except UserError:
+        env.close()
+        raise
     dt = float(env.unwrapped.dt)
     segment_steps = max(2, int(round(segment_seconds / dt)))
     horizon = env.spec.max_episode_steps
@@ -226,6 +410,17 @@ def open_run(run_dir, env_id=None, seed=0, segment_seconds=1.5, create=True):
     return config
 
 
+def check_env(env, env_id):
+    """Refuse an env this code cannot teach: it needs flat observations, continuous actions and MuJoCo's
+    physics state (qpos/qvel) to re-render clips from."""
+    import gymnasium as gym
+    obs, act = env.observation_space, env.action_space
+    if not (isinstance(act, gym.spaces.Box) and len(act.shape) == 1 and isinstance(obs, gym.spaces.Box)
+            and len(obs.shape) == 1 and hasattr(env.unwrapped, "model") and hasattr(env.unwrapped, "set_state")):
+        raise UserError(f"{env_id} is not a MuJoCo environment with flat observations and continuous actions, "
+                        f"which this code needs (HalfCheetah-v5 or Hopper-v5, say)")
+
+
 def seconds_to_steps(seconds, dt):
     return max(2, int(round(seconds / dt)))
 
@@ -248,47 +443,85 @@ def save_segments(run_dir, round_index, segments):
 
 
 def segment_files(run_dir):
+    """Paths of segments/round_RRRR.npz in round order (never the .tmp-* files of an interrupted write)."""
     directory = os.path.join(run_dir, SEGMENTS_DIR)
     if not os.path.isdir(directory):
         return []
-    return sorted(os.path.join(directory, f) for f in os.listdir(directory)
-                  if f.startswith("round_") and f.endswith(".npz"))
+    names = [f for f in os.listdir(directory) if f.startswith("round_") and f.endswith(".npz") and f[6:-4].isdigit()]
+    return [os.path.join(directory, f) for f in sorted(names, key=lambda f: int(f[6:-4]))]
+
+
+def segment_round(path):
+    """The round (collect call) of segments/round_RRRR.npz."""
+    return int(os.path.basename(path)[6:-4])
+
+
+def _segment_shapes(config, n):
+    """The shape each field of a segment file of n segments must have; None where config.json does not say
+    (the dimensions of the first file are then those of the others)."""
+    t = config["segment_steps"]
+    obs, act = (config.get("obs_shape") or [None])[0], (config.get("act_shape") or [None])[0]
+    return {"ids": (n,), "obs": (n, t, obs), "acts": (n, t, act), "rewards": (n, t),
+            "qpos": (n, t, config.get("nq")), "qvel": (n, t, config.get("nv")), "policy_step": (n,)}
 
 
 def load_segments(run_dir):
     """All segments of the run, concatenated in id order: dict of the SEGMENT_FIELDS arrays plus
-    `round` (N,), the collect call each came from. A truncated or corrupt file is a UserError."""
-    parts = []
+    `round` (N,), the collect call each came from. A truncated, corrupt or foreign file, one whose arrays do
+    not have the run's shapes, or a segment id in two files, is a UserError naming the file."""
+    config = read_config(run_dir)
+    parts, seen = [], {}
     for path in segment_files(run_dir):
         try:
-            with np.load(path) as npz:
+            with np.load(path, allow_pickle=False) as npz:
                 part = {k: npz[k] for k in SEGMENT_FIELDS}
+        except FileNotFoundError:
+            raise UserError(f"segment file {path} disappeared while it was being read; run the stage again")
         except Exception as e:
-            raise UserError(f"segment file {path} is corrupt or truncated ({type(e).__name__}); delete it "
-                            f"and the queries that name its segments, or restore it from a backup")
-        part["round"] = np.full(len(part["ids"]), int(os.path.basename(path)[6:10]), np.int64)
+            raise UserError(f"segment file {path} is corrupt or truncated ({type(e).__name__}); restore it "
+                            f"from a backup (the pairs that name its segments cannot be used without it)")
+        if config is not None:
+            for key, shape in _segment_shapes(config, len(part["ids"])).items():
+                got = part[key].shape
+                if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
+                    raise UserError(f"segment file {path} does not fit this run ({key} has shape {got}, "
+                                    f"expected {tuple('?' if s is None else s for s in shape)}); it belongs "
+                                    f"to another run")
+        for segment_id in part["ids"].tolist():
+            if segment_id in seen:
+                raise UserError(f"segment id {segment_id} is in both {seen[segment_id]} and {path}; one of "
+                                f"them was copied from elsewhere")
+            seen[segment_id] = path
+        part["round"] = np.full(len(part["ids"]), segment_round(path), np.int64)
         parts.append(part)
     if not parts:
         return None
-    segments = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    try:
+        segments = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    except ValueError as e:  # no config.json to check against, and the files disagree
+        raise UserError(f"the segment files of {run_dir} have different shapes ({e})")
     order = np.argsort(segments["ids"], kind="stable")
     return {k: v[order] for k, v in segments.items()}
 
 
-def next_round_and_segment_id(run_dir):
-    """Round index and first free segment id after everything already on disk (so ids are never reused,
-    also after a crash: a segment file is either wholly there or not at all)."""
-    files = segment_files(run_dir)
-    if not files:
-        return 0, 0
-    last_round = int(os.path.basename(files[-1])[6:10])
-    max_id = -1
-    for path in files:
+def next_round_and_segment_id(run_dir, queries=None):
+    """Round index and first free segment id after everything already on disk or named by a query, so ids
+    are never reused: not after a crash (a segment file is either wholly there or not at all) and not after
+    someone deleted the last segment file (its ids live on in queries.jsonl and labels.jsonl)."""
+    if queries is None:
+        queries = read_queries(run_dir)
+    last_round, max_id = -1, -1
+    for q in queries.values():
+        last_round = max(last_round, q["round"] if isinstance(q.get("round"), int) else -1)
+        max_id = max(max_id, q["left"], q["right"])
+    for path in segment_files(run_dir):
+        last_round = max(last_round, segment_round(path))
         try:
-            with np.load(path) as npz:
+            with np.load(path, allow_pickle=False) as npz:
                 ids = npz["ids"]
         except Exception as e:
-            raise UserError(f"segment file {path} is corrupt or truncated ({type(e).__name__})")
+            raise UserError(f"segment file {path} is corrupt or truncated ({type(e).__name__}); restore it "
+                            f"from a backup (the pairs that name its segments cannot be used without it)")
         if len(ids):
             max_id = max(max_id, int(ids.max()))
     return last_round + 1, max_id + 1
@@ -296,14 +529,25 @@ def next_round_and_segment_id(run_dir):
 
 # ----------------------------------------------------------------------------------- queries, labels
 
-def read_queries(run_dir):
-    """queries.jsonl as a dict query_id -> record; malformed lines are skipped with a warning."""
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_queries(run_dir, warn=True):
+    """queries.jsonl as a dict query_id -> record. A line without integer query_id/left/right, or repeating
+    an earlier query_id, is skipped with a warning naming its line (the first one of an id counts)."""
+    path = os.path.join(run_dir, QUERIES)
     queries = {}
-    for q in read_jsonl(os.path.join(run_dir, QUERIES)):
-        if isinstance(q.get("query_id"), int) and isinstance(q.get("left"), int) and isinstance(q.get("right"), int):
-            queries[q["query_id"]] = q
+    for number, q in read_jsonl_numbered(path, warn):
+        if not all(_is_int(q.get(k)) for k in ("query_id", "left", "right")):
+            problem = "a query needs integer query_id, left and right"
+        elif q["query_id"] in queries:
+            problem = f"query {q['query_id']} was already asked on an earlier line"
         else:
-            print(f"warning: skipped a query without integer query_id/left/right: {q}", file=sys.stderr)
+            queries[q["query_id"]] = q
+            continue
+        if warn:
+            print(f"warning: {path} line {number} was skipped: {problem}", file=sys.stderr)
     return queries
 
 
@@ -311,13 +555,14 @@ def parse_label(record, known_queries=None):
     """Check one labels.jsonl record; returns an error sentence or None if it is well-formed."""
     if not isinstance(record, dict):
         return "a label must be a JSON object"
-    if not isinstance(record.get("query_id"), int) or isinstance(record.get("query_id"), bool):
+    if not _is_int(record.get("query_id")):
         return "query_id must be an integer"
-    if record.get("choice") not in CHOICES:
+    if not isinstance(record.get("choice"), str) or record["choice"] not in CHOICES:
         return f"choice must be one of {', '.join(CHOICES)}"
     if not isinstance(record.get("labeler"), str) or not record["labeler"]:
         return "labeler must be a non-empty string"
-    if not isinstance(record.get("time"), (int, float)) or isinstance(record.get("time"), bool):
+    if not isinstance(record.get("time"), (int, float)) or isinstance(record.get("time"), bool) \
+            or not math.isfinite(record["time"]):
         return "time must be a number (seconds since the epoch)"
     if known_queries is not None and record["query_id"] not in known_queries:
         return f"query {record['query_id']} is not in {QUERIES}"
@@ -325,21 +570,35 @@ def parse_label(record, known_queries=None):
 
 
 def read_labels(run_dir, known_queries=None):
-    """labels.jsonl as a list of well-formed records; bad ones are reported with their line's reason and
+    """labels.jsonl as a list of well-formed records; bad ones are reported with their line and reason and
     skipped. When a query was answered more than once, every answer is kept (several opinions per pair);
-    an `undo` record withdraws the previous answer of the same labeler to that query."""
-    labels = []
-    for record in read_jsonl(os.path.join(run_dir, LABELS)):
-        if record.get("undo") is True and isinstance(record.get("query_id"), int):
+    an `undo` record withdraws the previous answer of the same labeler to that query.
+
+    Given known_queries (read_queries' dict), a label that answers a query that is not in queries.jsonl is
+    a UserError rather than a warning: the two files do not belong together, and training on the rest would
+    pair answers with the wrong segments. (A query appended since known_queries was read is no error: that
+    label is left for the next read.)"""
+    path = os.path.join(run_dir, LABELS)
+    labels, fresh = [], None
+    for number, record in read_jsonl_numbered(path):
+        if record.get("undo") is True and _is_int(record.get("query_id")):
             for i in range(len(labels) - 1, -1, -1):
                 if labels[i]["query_id"] == record["query_id"] and labels[i]["labeler"] == record.get("labeler"):
                     del labels[i]
                     break
             continue
-        error = parse_label(record, known_queries)
+        error = parse_label(record)
         if error:
-            print(f"warning: skipped label {json.dumps(record)[:200]}: {error}", file=sys.stderr)
+            print(f"warning: {path} line {number} was skipped ({error}): {json.dumps(record)[:200]}",
+                  file=sys.stderr)
             continue
+        if known_queries is not None and record["query_id"] not in known_queries:
+            fresh = read_queries(run_dir, warn=False) if fresh is None else fresh
+            if record["query_id"] in fresh:
+                continue
+            raise UserError(f"{path} line {number} answers query {record['query_id']}, which is not in "
+                            f"{QUERIES}, so these labels do not belong to this run's queries; restore "
+                            f"{QUERIES} or remove that line")
         labels.append(record)
     return labels
 
@@ -415,10 +674,16 @@ class PolicyForRollout:
 
     def __init__(self, checkpoint, obs_dim, act_dim, low, high, seed=0):
         torch = _torch()
-        self.net = build_actor_critic(obs_dim, act_dim, checkpoint["hidden"])
-        self.net.load_state_dict(checkpoint["model"])
-        self.obs_rms = RunningMeanStd((obs_dim,))
-        self.obs_rms.load_state_dict(checkpoint["obs_rms"])
+        try:
+            self.net = build_actor_critic(obs_dim, act_dim, checkpoint["hidden"])
+            self.net.load_state_dict(checkpoint["model"])
+            self.obs_rms = RunningMeanStd((obs_dim,))
+            self.obs_rms.load_state_dict(checkpoint["obs_rms"])
+            if self.obs_rms.mean.shape != (obs_dim,):
+                raise ValueError("observation statistics of another size")
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"the policy checkpoint does not fit this run's {obs_dim} observations and {act_dim} "
+                            f"actions ({type(e).__name__}); it belongs to another run")
         self.low, self.high = low, high
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -491,9 +756,13 @@ def load_reward_model(run_dir):
     if not os.path.exists(path):
         return None
     checkpoint = load_torch(path, "reward model")
-    model = build_reward_ensemble(checkpoint["in_dim"], checkpoint["members"], checkpoint["hidden"],
-                                  checkpoint["layers"])
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model = build_reward_ensemble(checkpoint["in_dim"], checkpoint["members"], checkpoint["hidden"],
+                                      checkpoint["layers"])
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"reward model {path} does not match its own description ({type(e).__name__}); "
+                        f"delete it to train a new one")
     model.eval()
     return model
 

@@ -5,8 +5,7 @@ system can learn unattended, be tested and be benchmarked:
 
     python label.py teach --run data/cheetah                          # the perfect oracle
     python label.py teach --run data/cheetah --mistake 0.1            # B-Pref's imperfect teachers
-    python label.py teach --run data/cheetah --behaviour cheetah_backwards
-    python label.py teach --run data/cheetah --behaviour mymodule:my_function
+    python label.py teach --run data/cheetah --behaviour cheetah_backwards   # or mymodule:my_function
 
 People answer in the browser: `serve` shows two clips side by side and records which one is better,
 `wait` blocks the loop (TEACHER=human ./loop.sh) until enough of the pairs are answered:
@@ -14,8 +13,7 @@ People answer in the browser: `serve` shows two clips side by side and records w
     python label.py serve --run data/cheetah --instructions "make it run backwards"   # http://127.0.0.1:8000
     python label.py wait --run data/cheetah --fraction 0.75
 
-A label line: {"query_id": 7, "choice": "left"|"right"|"equal"|"skip", "labeler": "oracle",
-"time": 1700000000.0, "teacher": {...parameters...}} (README.md, "labels.jsonl").
+Label lines: README.md, "labels.jsonl".
 Reads: config.json, queries.jsonl, labels.jsonl, segments/, clips/, metrics.jsonl (dashboard).
 Writes: labels.jsonl, metrics.jsonl.
 """
@@ -117,6 +115,13 @@ def synthetic_choice(r_left, r_right, rng, beta=np.inf, mistake=0.0, skip_thresh
 
 
 def teach(args):
+    """Answer every open query. One teacher at a time: two at once would answer the same queries twice."""
+    C.open_run(args.run, create=False)
+    with C.exclusive(args.run):
+        answer_open_queries(args)
+
+
+def answer_open_queries(args):
     config = C.open_run(args.run, create=False)
     behaviour = load_behaviour(args.behaviour)
     queries = C.read_queries(args.run)
@@ -146,7 +151,9 @@ def teach(args):
     teacher = {"behaviour": args.behaviour, "beta": None if np.isinf(args.beta) else args.beta,
                "gamma": args.gamma, "mistake": args.mistake, "skip": args.skip, "equal": args.equal,
                "margin": round(margin, 6)}
-    labeler = args.labeler or ("oracle" if teacher_is_oracle(args) else "synthetic")
+    is_oracle = (args.behaviour == "env_reward" and np.isinf(args.beta) and args.gamma == 1.0 and args.mistake == 0
+                 and args.skip == 0 and args.equal == 0)
+    labeler = args.labeler or ("oracle" if is_oracle else "synthetic")
     records, now = [], time.time()
     for q in open_queries:
         rng = np.random.default_rng([config["seed"], q["query_id"]])  # same answers on every re-run
@@ -161,11 +168,6 @@ def teach(args):
     C.log_metrics(args.run, "label", labeler=labeler, labels=len(records), labels_total=len(labels) + len(records),
                   **{f"choice_{c}": n for c, n in counts.items()})
     print(f"label: {labeler} answered {len(records)} queries ({counts}); {len(labels) + len(records)} labels in all")
-
-
-def teacher_is_oracle(args):
-    return (args.behaviour == "env_reward" and np.isinf(args.beta) and args.gamma == 1.0 and args.mistake == 0
-            and args.skip == 0 and args.equal == 0)
 
 
 # ------------------------------------------------------------------------------------ people: `wait`
@@ -263,7 +265,7 @@ class Pairs:
         for line in data[:end].split(b"\n"):
             try:
                 record = json.loads(line)
-            except ValueError:  # blank or malformed; contract.read_jsonl reports those
+            except (ValueError, RecursionError):  # blank or malformed; contract.read_jsonl reports those
                 continue
             if isinstance(record, dict):
                 records.append(record)
@@ -429,7 +431,10 @@ def json_body(request, fields):
     query_id; anything else is rejected before it can change anything."""
     if not request.is_json:
         raise Rejected(415, "send a JSON object with the header Content-Type: application/json")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # "[[[[...": nested deeper than json can parse
+        body = None
     if not isinstance(body, dict):
         raise Rejected(400, "the body is not a JSON object")
     if set(body) != set(fields):

@@ -42,7 +42,7 @@ if ! grep -qs '"policy": "random"' "$RUN/metrics.jsonl"; then
 fi
 
 # Resume at the round the saved policy has reached.
-step=$("$PYTHON" -c "import contract,sys; print(contract.policy_step('$RUN'))")
+step=$("$PYTHON" -c "import contract, sys; contract.run_main(lambda: print(contract.policy_step(sys.argv[1])))" "$RUN")
 round=$(( step / STEPS_PER_ROUND ))
 while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
   echo "=== round $round: policy step $(( round * STEPS_PER_ROUND ))/$TOTAL_STEPS" >&2

@@ -181,10 +181,14 @@ def main():
         ckpt = C.load_torch(path, "policy checkpoint")
         if ckpt["hidden"] != args.hidden:
             raise C.UserError(f"{path} has hidden size {ckpt['hidden']}, not {args.hidden}")
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        obs_rms.load_state_dict(ckpt["obs_rms"])
-        return_rms.load_state_dict(ckpt["return_rms"])
+        try:
+            net.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            obs_rms.load_state_dict(ckpt["obs_rms"])
+            return_rms.load_state_dict(ckpt["return_rms"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise C.UserError(f"{path} does not fit this run's {obs_dim} observations and {act_dim} actions "
+                              f"({type(e).__name__}); it belongs to another run")
         global_step = int(ckpt["global_step"])
         torch.set_rng_state(ckpt["torch_rng"])
     else:

@@ -1,0 +1,332 @@
+"""Issue 7: bad input. Each test breaks a copy of a small run the way a user (or a crash, or a full disk) might,
+runs a real stage on it as a subprocess and checks: a non-zero exit (2 for what the user can fix, 1 for the
+machine: a full disk), exactly one `error: ...` sentence on stderr, no traceback, and not one byte of the
+run directory changed. A malformed line is the exception: reported with its line number and skipped, and
+the stage goes on with the rest."""
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import contract as C
+from test_faults import build_base, copy_run, stage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Round 0 (6 pairs) labelled, reward model, policy at step 128, round 1 (4 pairs) not yet labelled."""
+    return build_base(tmp_path_factory)
+
+
+@pytest.fixture
+def run(base, tmp_path):
+    return copy_run(base, tmp_path)
+
+
+def snapshot(run):
+    """Every file under run (temp files included) -> sha256 of its bytes; None if run does not exist."""
+    if not os.path.exists(run):
+        return None
+    hashes = {}
+    for directory, _, files in os.walk(run):
+        for name in files:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                hashes[os.path.relpath(path, run)] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
+
+
+def refused(run, name, *args, code=2, says=(), fault=None):
+    """Run stage `name` on run; assert it fails with `code`, one error sentence containing `says`, no
+    traceback, and nothing on disk changed. Returns the error line."""
+    before = snapshot(run)
+    result = stage(name, run, *args, fault=fault)
+    assert result.returncode == code, (result.returncode, result.stdout[-1000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for text in (says,) if isinstance(says, str) else says:
+        assert text in errors[0], errors[0]
+    assert errors[0].count(". ") == 0, errors[0]  # one sentence
+    assert snapshot(run) == before, "the run directory changed"
+    return errors[0]
+
+
+def lines(path):
+    with open(path, "rb") as f:
+        return f.read().split(b"\n")
+
+
+# --------------------------------------------------------------------------------- environment ids
+
+@pytest.mark.parametrize("name, env_id, says", [
+    ("collect", "Nope-v0", "unknown or unavailable environment id 'Nope-v0'"),
+    ("collect", "HalfCheetah-v99", "unknown or unavailable environment id 'HalfCheetah-v99'"),
+    ("collect", "nomodule:Cheetah-v0", "unknown or unavailable environment id"),
+    ("collect", "CartPole-v1", "CartPole-v1 is not a MuJoCo environment"),
+    ("train_policy", "Nope-v0", "unknown or unavailable environment id 'Nope-v0'"),
+])
+def test_an_unknown_env_id(tmp_path, name, env_id, says):
+    run = str(tmp_path / "new")
+    refused(run, name, "--env", env_id, *(["--reward", "true"] if name == "train_policy" else []), says=says)
+    assert not os.path.exists(run)  # not even the directory
+
+
+@pytest.mark.parametrize("name, args", [("collect", ("--pairs", "2")), ("train_policy", ("--reward", "true"))])
+def test_a_run_made_for_another_env(run, name, args):
+    refused(run, name, "--env", "Hopper-v5", *args, says=f"{run} is a run of HalfCheetah-v5, not Hopper-v5")
+
+
+@pytest.mark.parametrize("name", ["collect", "teach", "train_reward", "train_policy"])
+def test_a_run_of_an_older_format(run, name):
+    path = os.path.join(run, C.CONFIG)
+    config = json.load(open(path))
+    C.write_json_atomic(path, {**config, "format_version": 0})
+    refused(run, name, says=("data format version 0", f"reads version {C.FORMAT_VERSION}"))
+
+
+@pytest.mark.parametrize("content, says", [
+    (b'{"format_version": 1, "env_id": "HalfCh', "is not valid JSON"),
+    (b"[1, 2]", "is not a JSON object"),
+    (b'{"format_version": 1, "env_id": "HalfCheetah-v5"}', "lacks a valid 'env_kwargs'"),
+])
+def test_a_broken_config(run, content, says):
+    with open(os.path.join(run, C.CONFIG), "wb") as f:
+        f.write(content)
+    refused(run, "teach", says=says)
+
+
+# ----------------------------------------------------------------------------------- segment files
+
+def truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:int(len(data) * keep)])
+
+
+def flip_a_byte(path):
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+
+
+@pytest.mark.parametrize("name, damage", [("teach", truncate), ("train_reward", truncate), ("collect", truncate),
+                                          ("teach", flip_a_byte)])
+def test_a_truncated_or_corrupt_segment_file(run, name, damage):
+    path = os.path.join(run, C.SEGMENTS_DIR, "round_0000.npz")
+    damage(path)
+    refused(run, name, says=f"segment file {path} is corrupt or truncated")
+
+
+def test_a_segment_file_of_another_run(run, tmp_path):
+    other = str(tmp_path / "hopper")
+    assert stage("collect", other, "--env", "Hopper-v5", "--pairs", "1").returncode == 0
+    shutil.copy(os.path.join(other, C.SEGMENTS_DIR, "round_0000.npz"),
+                os.path.join(run, C.SEGMENTS_DIR, "round_0001.npz"))
+    refused(run, "teach", says="does not fit this run")
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+@pytest.mark.parametrize("checkpoint, name, damage", [
+    (C.REWARD_MODEL, "train_reward", truncate),
+    (C.REWARD_MODEL, "train_policy", flip_a_byte),  # torch.load would take it: the zip CRC catches it
+    (C.REWARD_MODEL, "collect", truncate),  # disagreement selection
+    (C.POLICY, "train_policy", truncate),
+    (C.POLICY, "collect", flip_a_byte),
+])
+def test_a_truncated_or_corrupt_checkpoint(run, checkpoint, name, damage):
+    path = os.path.join(run, checkpoint)
+    damage(path)
+    args = {"train_policy": ("--total-steps", "256"), "collect": ("--pairs", "2")}.get(name, ())
+    refused(run, name, *args, says=(path, "is corrupt or truncated"))
+
+
+def policy_of_another_env(path):
+    """A well-formed policy.pt of an env with 11 observations and 3 actions (Hopper's), no training needed."""
+    import torch
+    net = C.build_actor_critic(11, 3)
+    C.save_torch_atomic(path, {"model": net.state_dict(), "optimizer": torch.optim.Adam(net.parameters()).state_dict(),
+                               "obs_rms": C.RunningMeanStd((11,)).state_dict(),
+                               "return_rms": C.RunningMeanStd(()).state_dict(), "global_step": 64, "hidden": 64,
+                               "reward": "true", "torch_rng": torch.get_rng_state(),
+                               "format_version": C.FORMAT_VERSION})
+
+
+def test_a_policy_of_another_env_in_collect(run):
+    policy_of_another_env(os.path.join(run, C.POLICY))
+    refused(run, "collect", "--pairs", "2", says="the policy checkpoint does not fit this run's 17 observations")
+
+
+def test_a_policy_of_another_env_in_train_policy(run):
+    policy_of_another_env(os.path.join(run, C.POLICY))
+    refused(run, "train_policy", "--total-steps", "256", says="policy.pt")
+
+
+def test_the_loop_on_a_corrupt_checkpoint(run):
+    C.log_metrics(run, "evaluate", policy="random", policy_step=0, episodes=1, true_return_mean=0.0,
+                  true_return_std=0.0, clip=None)  # so that loop.sh goes straight to the policy's step
+    truncate(os.path.join(run, C.POLICY))
+    before = snapshot(run)
+    env = {**os.environ, "RUN": run, "NUM_ENVS": "2", "CLIPS": "0", "PYTHON": PYTHON, "MUJOCO_GL": "egl"}
+    result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert [l for l in result.stderr.splitlines() if l.startswith("error:")] == [
+        f"error: policy checkpoint {run}/policy.pt is corrupt or truncated (BadZipFile); delete it to start that "
+        f"stage afresh, or restore it from a backup"]
+    assert snapshot(run) == before
+
+
+def test_a_checkpoint_of_another_kind(run):
+    shutil.copy(os.path.join(run, C.POLICY), os.path.join(run, C.REWARD_MODEL))
+    refused(run, "train_reward", says="is not a checkpoint this code wrote (it lacks members")
+
+
+# ------------------------------------------------------------------------------------------ labels
+
+@pytest.mark.parametrize("name", ["train_reward", "teach"])
+def test_a_label_that_names_an_unknown_query(run, name):
+    C.append_jsonl(os.path.join(run, C.LABELS), {"query_id": 99, "choice": "left", "labeler": "ann", "time": 1.0})
+    number = len(lines(os.path.join(run, C.LABELS))) - 1
+    refused(run, name, says=f"labels.jsonl line {number} answers query 99, which is not in queries.jsonl")
+
+
+def test_a_malformed_label_line_is_reported_skipped_and_the_rest_kept(run):
+    path = os.path.join(run, C.LABELS)
+    content = lines(path)
+    content.insert(2, b'{"query_id": 3, "choice": "left", oops')
+    content.insert(4, b"\xff\xfe not even UTF-8")
+    with open(path, "wb") as f:
+        f.write(b"\n".join(content))
+    before = open(path, "rb").read()
+    result = stage("train_reward", run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{path} line 3 is malformed and was skipped" in result.stderr
+    assert f"{path} line 5 is malformed and was skipped" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert C.read_jsonl(os.path.join(run, C.METRICS))[-1]["labels"] == 6  # all six good ones trained on
+    assert open(path, "rb").read() == before  # a reader never rewrites
+
+
+def test_a_malformed_query_line_is_reported_skipped_and_the_rest_kept(run):
+    path = os.path.join(run, C.QUERIES)
+    content = lines(path)
+    content.insert(1, b'{"query_id": 77, "left": "zero"}')
+    content.insert(3, b"garbage")
+    with open(path, "wb") as f:
+        f.write(b"\n".join(content))
+    result = stage("teach", run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{path} line 2 was skipped: a query needs integer query_id, left and right" in result.stderr
+    assert f"{path} line 4 is malformed and was skipped" in result.stderr
+    assert len(C.read_labels(run)) == 10  # the four open queries answered as well
+
+
+@pytest.mark.parametrize("labels", [None, b"", b'{"query_id": 0, "choice": "skip", "labeler": "a", "time": 1}\n'])
+def test_no_labels_when_the_reward_trainer_starts(run, labels):
+    os.remove(os.path.join(run, C.LABELS))
+    os.remove(os.path.join(run, C.REWARD_MODEL))
+    if labels is not None:
+        with open(os.path.join(run, C.LABELS), "wb") as f:
+            f.write(labels)
+    refused(run, "train_reward", says="has no usable labels yet")
+
+
+# --------------------------------------------------------------------------------- files that vanish
+
+def test_a_segment_file_that_has_disappeared(run):
+    os.remove(os.path.join(run, C.SEGMENTS_DIR, "round_0001.npz"))
+    refused(run, "teach", says="named by a query is missing from segments/")
+    os.remove(os.path.join(run, C.SEGMENTS_DIR, "round_0000.npz"))
+    refused(run, "train_reward", says="has labels but no segment files")
+
+
+def test_after_a_segment_file_disappeared_collect_never_reuses_its_ids(run):
+    named = {s for q in C.read_queries(run).values() for s in (q["left"], q["right"])}
+    os.remove(os.path.join(run, C.SEGMENTS_DIR, "round_0001.npz"))  # the newest one
+    assert stage("collect", run, "--pairs", "2").returncode == 0
+    new = C.load_segments(run)
+    new_ids = set(new["ids"][new["round"] == new["round"].max()].tolist())
+    assert new["round"].max() == 2 and not new_ids & named
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("clips") / "run")
+    result = subprocess.run([PYTHON, "collect.py", "--run", run, "--env", "HalfCheetah-v5", "--pairs", "2",
+                             "--num-envs", "2", "--clip-size", "32"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_a_clip_that_has_disappeared_is_not_shown_and_nothing_breaks(clip_run, tmp_path):
+    import label
+    if not callable(getattr(label, "create_app", None)):
+        pytest.skip("label.py has no create_app(run_dir, ...) yet")
+    run = copy_run(clip_run, tmp_path)
+    queries = C.read_queries(run)
+    gone = queries[0]["left_clip"]
+    os.remove(os.path.join(run, gone))
+    client = label.create_app(run).test_client()
+    shown = []
+    for labeler in ("ann", "bob", "cid"):
+        response = client.get(f"/api/next?labeler={labeler}")
+        assert response.status_code == 200
+        if response.json["pair"]:
+            shown.append(response.json["pair"]["query_id"])
+    assert shown == [1]  # only the pair whose clips are both there
+    assert client.get("/" + gone).status_code == 404
+    status = client.get("/api/status?labeler=ann")
+    assert status.status_code == 200 and status.json["without_clips"] == 1
+
+
+# --------------------------------------------------------------------------------------- a full disk
+
+@pytest.mark.parametrize("name, args, fault", [
+    ("teach", (), "enospc:labels.jsonl"),
+    ("train_reward", (), "enospc:reward_model.pt"),
+    ("train_policy", ("--total-steps", "256"), "enospc:policy.pt"),
+    ("collect", ("--pairs", "2"), "enospc:round_0002.npz"),
+])
+def test_a_full_disk_while_writing_leaves_the_previous_file_intact(run, name, args, fault):
+    """The hook writes half the file and then fails as a full disk does; the temp file is removed, the old
+    artifact (or the append-only file as it was) stays, byte for byte."""
+    refused(run, name, *args, fault=fault, code=1, says=("the disk is full (writing ", fault.split(":")[1],
+                                                         "the files written before are intact"))
+
+
+def test_a_full_disk_in_process_keeps_the_old_artifact(tmp_path, monkeypatch):
+    """The same without the hook: os.write itself fails, as on a full disk."""
+    path = str(tmp_path / C.REWARD_MODEL)
+    C.write_atomic(path, b"the old checkpoint")
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError) as raised:
+        C.write_atomic(path, b"a new checkpoint" * 1000)
+    monkeypatch.undo()
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == path
+    assert open(path, "rb").read() == b"the old checkpoint" and os.listdir(tmp_path) == [C.REWARD_MODEL]
+
+    def main():
+        raise raised.value
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with pytest.raises(SystemExit) as exit_:
+        C.run_main(main)
+    assert exit_.value.code == 1
+    assert err.getvalue() == (f"error: the disk is full (writing {path}); free some space and run again: "
+                              f"the files written before are intact\n")

@@ -40,7 +40,9 @@ test-fast: venv
 
 bench: bench-ppo bench-reward bench-labeler
 
+# Stable-Baselines3 is installed for this comparison only; it is not a dependency of the project.
 bench-ppo: venv
+	$(PYTHON) -m pip install --quiet stable-baselines3==2.9.2
 	$(PYTHON) bench/bench_ppo.py
 
 bench-reward: venv

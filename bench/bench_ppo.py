@@ -7,8 +7,8 @@ ensemble (3 members, 2x64) evaluated for all envs of a step in one batched forwa
     python bench/bench_ppo.py --steps 200000
 
 Each configuration runs in its own process, one torch thread (the fairest setting for both on 2 cores);
-reported: env steps per second over the whole run (rollouts and updates) and the process's peak resident
-memory. Writes a markdown table to bench/out/ppo.md.
+reported: env steps per second of wall-clock time and per CPU second (the fair figure when other jobs share
+the cores) over the whole run, rollouts and updates, and the process's peak resident memory. Writes a markdown table to bench/out/ppo.md.
 """
 import argparse
 import os
@@ -61,7 +61,8 @@ print("SPS", STEPS / (time.time() - start))
 
 
 def run_measured(command):
-    """Run a command as a child and return (wall seconds, peak RSS MiB, stdout) using wait4's rusage."""
+    """Run a command as a child; return (wall seconds, CPU seconds, peak RSS MiB, stdout) from wait4's rusage.
+    CPU seconds (user + system) are what a configuration costs even when other jobs share the cores."""
     start = time.time()
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"})
@@ -70,7 +71,7 @@ def run_measured(command):
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{out[-3000:]}")
-    return time.time() - start, rusage.ru_maxrss / 1024, out
+    return time.time() - start, rusage.ru_utime + rusage.ru_stime, rusage.ru_maxrss / 1024, out
 
 
 def main():
@@ -87,7 +88,7 @@ def main():
         base = os.path.join(tmp, "base")
         for command in (["collect.py", "--run", base, "--env", args.env, "--pairs", "100", "--no-clips"],
                         ["label.py", "teach", "--run", base], ["train_reward.py", "--run", base, "--steps", "100"]):
-            run_measured([py] + command)
+            run_measured([py] + command)  # (wall, CPU, RSS, output) unused here
         rows = []
         for impl in ("ours", "sb3"):
             for reward in ("true", "learned"):
@@ -100,21 +101,21 @@ def main():
                     script = SB3_SCRIPT.replace("ROOT", repr(ROOT)).replace("RUN", repr(run)) \
                         .replace("REWARD", repr(reward)).replace("STEPS", str(args.steps))
                     command = [py, "-c", script]
-                seconds, rss, out = run_measured(command)
-                sps = args.steps / seconds
-                rows.append((impl, reward, sps, rss, seconds))
-                print(f"{impl:4s} {reward:7s} reward: {sps:7.0f} steps/s, peak RSS {rss:6.0f} MiB, "
-                      f"{seconds:.0f} s", flush=True)
-    by = {(i, r): s for i, r, s, _, _ in rows}
-    lines = [f"{args.env}, {args.steps:,} steps per configuration, 8 envs, 1 torch thread, wall-clock incl. "
-             f"process start-up.", "",
-             "| implementation | reward | steps/s | peak RSS (MiB) |", "|---|---|---|---|"]
-    lines += [f"| {'ours (train_policy.py)' if i == 'ours' else 'Stable-Baselines3 ' + '2.9.2'} | {r} | "
-              f"{s:.0f} | {m:.0f} |" for i, r, s, m, _ in rows]
-    lines += ["", f"Speed-up over SB3: {by['ours', 'true'] / by['sb3', 'true']:.2f}x with the true reward, "
-              f"{by['ours', 'learned'] / by['sb3', 'learned']:.2f}x with the learned reward.",
+                seconds, cpu, rss, out = run_measured(command)
+                rows.append((impl, reward, args.steps / seconds, args.steps / cpu, rss))
+                print(f"{impl:4s} {reward:7s} reward: {args.steps / seconds:7.0f} steps/s wall, "
+                      f"{args.steps / cpu:7.0f} steps per CPU second, peak RSS {rss:6.0f} MiB", flush=True)
+    by = {(i, r): c for i, r, _, c, _ in rows}
+    lines = [f"{args.env}, {args.steps:,} steps per configuration, 8 envs, 1 torch thread, whole process "
+             f"(start-up, rollouts and updates).", "",
+             "| implementation | reward | steps/s (wall) | steps per CPU second | peak RSS (MiB) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {'ours (train_policy.py)' if i == 'ours' else 'Stable-Baselines3 2.9.2'} | {r} | {w:.0f} | "
+              f"{c:.0f} | {m:.0f} |" for i, r, w, c, m in rows]
+    lines += ["", f"Speed-up over SB3 (per CPU second): {by['ours', 'true'] / by['sb3', 'true']:.2f}x with the "
+              f"true reward, {by['ours', 'learned'] / by['sb3', 'learned']:.2f}x with the learned reward.",
               f"Cost of the learned reward in our PPO: "
-              f"{100 * (by['ours', 'true'] / by['ours', 'learned'] - 1):.1f}% more time per step."]
+              f"{100 * (by['ours', 'true'] / by['ours', 'learned'] - 1):.1f}% more CPU time per step."]
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "ppo.md"), "w") as f:
         f.write(table)

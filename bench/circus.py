@@ -85,6 +85,10 @@ def main():
                 "SEGMENT_SECONDS": str(seconds), "TEACHER": "synthetic", "TEACHER_FLAGS": f"--behaviour {name}",
                 "PYTHON": sys.executable})
             minutes = (time.time() - started) / 60
+            os.makedirs(baseline, exist_ok=True)
+            if not os.path.exists(os.path.join(baseline, C.CONFIG)):  # same env, kwargs and segment length
+                config = C.open_run(taught)
+                C.write_json_atomic(os.path.join(baseline, C.CONFIG), config)
             sh([sys.executable, "train_policy.py", "--run", baseline, "--env", env_id, "--reward", "true",
                 "--total-steps", str(steps)], log=log)
         clip = [m for m in C.read_jsonl(os.path.join(taught, C.METRICS))

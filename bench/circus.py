@@ -14,7 +14,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -78,21 +77,21 @@ def main():
         behaviour = label.BEHAVIOURS[name]
         taught = os.path.join(args.out, name)
         baseline = os.path.join(args.out, f"{env_id}-true")
-        started = time.time()
         with open(os.path.join(args.out, f"{name}.log"), "a") as log:
             sh(["bash", "loop.sh"], log=log, env={
                 "RUN": taught, "ENV_ID": env_id, "LABELS": str(labels), "TOTAL_STEPS": str(steps),
                 "SEGMENT_SECONDS": str(seconds), "TEACHER": "synthetic", "TEACHER_FLAGS": f"--behaviour {name}",
                 "PYTHON": sys.executable})
-            minutes = (time.time() - started) / 60
             os.makedirs(baseline, exist_ok=True)
             if not os.path.exists(os.path.join(baseline, C.CONFIG)):  # same env, kwargs and segment length
                 config = C.open_run(taught)
                 C.write_json_atomic(os.path.join(baseline, C.CONFIG), config)
             sh([sys.executable, "train_policy.py", "--run", baseline, "--env", env_id, "--reward", "true",
                 "--total-steps", str(steps)], log=log)
-        clip = [m for m in C.read_jsonl(os.path.join(taught, C.METRICS))
-                if m["stage"] == "evaluate" and m["policy"] != "random"][-1]["clip"]
+        metrics = C.read_jsonl(os.path.join(taught, C.METRICS))
+        evaluations = [m for m in metrics if m["stage"] == "evaluate" and m["policy"] != "random"]
+        clip = evaluations[-1]["clip"]
+        minutes = (evaluations[0]["time"] - metrics[0]["time"]) / 60  # the first whole loop, also when re-run
         strip = os.path.join(ROOT, "bench", "results", f"circus_{name}.png")
         frame_strip(os.path.join(taught, clip), strip)
         row = (name, env_id, len(C.read_labels(taught)), steps, meaning,

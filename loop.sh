@@ -41,9 +41,11 @@ if ! grep -qs '"policy": "random"' "$RUN/metrics.jsonl"; then
       --evaluate "$EVAL_EPISODES" --random-policy $clip_flag
 fi
 
-# Resume at the round the saved policy has reached.
+# Resume at the round the saved policy has reached. A policy that trained past the budget still gets the
+# last round's collect -> label -> train_reward, so a resumed run asks the whole label budget too.
 step=$("$PYTHON" -c "import contract, sys; contract.run_main(lambda: print(contract.policy_step(sys.argv[1])))" "$RUN")
-round=$(( step / STEPS_PER_ROUND ))
+last_round=$(( (TOTAL_STEPS + STEPS_PER_ROUND - 1) / STEPS_PER_ROUND - 1 ))
+round=$(( step / STEPS_PER_ROUND < last_round ? step / STEPS_PER_ROUND : last_round ))
 while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
   echo "=== round $round: policy step $(( round * STEPS_PER_ROUND ))/$TOTAL_STEPS" >&2
   run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" --num-envs "$NUM_ENVS" --label-budget "$LABELS" \

@@ -209,6 +209,12 @@ def test_loop_end_to_end_on_a_tiny_budget(tmp_path):
     assert {e["policy"] for e in evals} == {"random", f"step{C.policy_step(run)}"}
     assert all(os.path.exists(os.path.join(run, e["clip"])) for e in evals)
 
+    # Re-running the finished loop asks and answers nothing more: no label asked or counted twice.
+    result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(C.read_labels(run)) == 80 and len(C.read_queries(run)) == 80
+
     # The reward model agrees with the oracle on pairs it never trained on: fresh ones from a new rollout.
     result = run_stage("collect.py", "--run", run, "--pairs", "150", "--selection", "random", "--no-clips",
                        "--num-envs", "4")
@@ -216,9 +222,3 @@ def test_loop_end_to_end_on_a_tiny_budget(tmp_path):
     last_round = max(q["round"] for q in C.read_queries(run).values())
     agreement, n = agreement_with_oracle(run, last_round)
     assert n == 150 and agreement > 0.7, agreement
-
-    # Re-running the finished loop does no new work: no label asked or counted twice.
-    result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **env})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len(C.read_labels(run)) == 80

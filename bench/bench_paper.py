@@ -4,6 +4,7 @@ Hopper-v5 (fixed horizon, as the paper did).
 
     python bench/bench_paper.py                      # default budget: 1 seed, 1M steps, 2 jobs at a time
     python bench/bench_paper.py --seeds 0 1 2 --jobs 16   # e.g. on a 16-core machine
+    python bench/bench_paper.py --report-only             # table and plot of what has finished so far
 
 Resumable: each condition lives in its own run directory under --out and is marked done by done.json;
 a re-run does only what is missing (and resumes a condition that was interrupted). Writes the table to
@@ -35,6 +36,8 @@ def parse_args():
     p.add_argument("--jobs", type=int, default=2, help="conditions run at once (one core each)")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "paper"))
+    p.add_argument("--report-only", action="store_true",
+                   help="write the table and plot of the conditions finished so far, run nothing")
     return p.parse_args()
 
 
@@ -138,8 +141,17 @@ def main():
                   for labels in [None] + list(args.labels)]
     print(f"bench_paper: {len(conditions)} conditions of {args.steps:,} steps, {args.jobs} at a time, "
           f"results in {args.out}", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        records = list(pool.map(lambda c: run_condition(args, *c), conditions))
+    if args.report_only:
+        records = []
+        for c in conditions:
+            done = os.path.join(args.out, condition_name(*c), "done.json")
+            if os.path.exists(done):
+                with open(done) as f:
+                    records.append(json.load(f))
+        print(f"{len(records)} of {len(conditions)} conditions finished")
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            records = list(pool.map(lambda c: run_condition(args, *c), conditions))
     report(args, records)
 
 

@@ -202,6 +202,10 @@ def select_pairs(pool_size, n_pairs, rng, member_returns=None, candidates_factor
     m = candidates_factor * n_pairs
     left = rng.integers(0, pool_size, m)
     right = (left + rng.integers(1, pool_size, m)) % pool_size  # never a segment against itself
+    # Candidates are drawn with replacement: ask about each pair once, not as often as it was drawn.
+    unique = np.unique(np.sort(np.stack([left, right], axis=1), axis=1), axis=0)
+    if len(unique) >= n_pairs:
+        left, right = unique[:, 0], unique[:, 1]
     diff = np.clip(member_returns[:, left] - member_returns[:, right], -50, 50)
     p_left = 1.0 / (1.0 + np.exp(-diff))
     keep = np.argsort(-p_left.var(axis=0), kind="stable")[:n_pairs]

@@ -21,8 +21,8 @@ TEACHER=${TEACHER:-oracle}                # oracle | synthetic (label.py teach $
 TEACHER_FLAGS=${TEACHER_FLAGS:-}          # e.g. "--mistake 0.1" or "--behaviour cheetah_backwards"
 HUMAN_FRACTION=${HUMAN_FRACTION:-0.75}    # with TEACHER=human: share of pairs answered before going on
 CLIPS=${CLIPS:-auto}                      # render clips: auto (only for people) | 1 | 0
-REWARD_STEPS=${REWARD_STEPS:-300}         # reward model gradient steps per round
-PRETRAIN_REWARD_STEPS=${PRETRAIN_REWARD_STEPS:-1000}  # ... in the first round
+REWARD_STEPS=${REWARD_STEPS:-}            # reward model gradient steps per round (default: train_reward.py's,
+                                          # which grow with the number of labels)
 NUM_ENVS=${NUM_ENVS:-8}
 EVAL_EPISODES=${EVAL_EPISODES:-5}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -55,9 +55,7 @@ while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
     oracle) run "$PYTHON" label.py teach --run "$RUN" ;;
     *) run "$PYTHON" label.py teach --run "$RUN" $TEACHER_FLAGS ;;
   esac
-  reward_steps=$REWARD_STEPS
-  [ "$round" -eq 0 ] && [ ! -f "$RUN/reward_model.pt" ] && reward_steps=$PRETRAIN_REWARD_STEPS
-  run "$PYTHON" train_reward.py --run "$RUN" --steps "$reward_steps"
+  run "$PYTHON" train_reward.py --run "$RUN" ${REWARD_STEPS:+--steps "$REWARD_STEPS"}
   round=$(( round + 1 ))
   target=$(( round * STEPS_PER_ROUND < TOTAL_STEPS ? round * STEPS_PER_ROUND : TOTAL_STEPS ))
   run "$PYTHON" train_policy.py --run "$RUN" --total-steps "$target" --anneal-steps "$TOTAL_STEPS" \

@@ -4,11 +4,15 @@ The model is an ensemble of small MLPs (the paper's: 2 hidden layers of 64, leak
 fitted on its own bootstrap resample of the labels and holds out its own 1/e of them for validation. The
 probability that the teacher prefers the left segment is modelled as (Bradley-Terry)
 
-    P(left > right) = (1 - eps) * softmax(sum_t r(left_t), sum_t r(right_t))[0] + eps / 2
+    P(left > right) = (1 - eps) * sigmoid(sum_t r(left_t) - sum_t r(right_t)) + eps / 2
 
 where eps (default 0.1) is the chance that the teacher answered at random. `equal` trains towards 0.5/0.5,
-`skip` is not trained on. L2 regularisation is adapted per member so that validation loss stays within
-1.1-1.5x training loss (the paper's rule). Training warm-starts from the previous round's model.
+`skip` is not trained on. Each member's L2 coefficient is adapted during training so that its validation
+loss stays within 1.1-1.5x its training loss (the paper's rule; the coefficients carry over to the next
+round). A call trains --epochs passes over the labels, but at least --min-steps steps: ~50 L2 adaptations,
+which the rule needs to settle from where the last round left it. Training warm-starts from the previous
+round's model. Finally each member's output is normalised to zero mean and unit standard deviation over the
+states of the latest rounds; the policy is rewarded with the average of the normalised members.
 
     python train_reward.py --run data/cheetah
 
@@ -16,6 +20,7 @@ Reads: config.json, segments/, queries.jsonl, labels.jsonl, reward_model.pt.
 Writes: reward_model.pt, metrics.jsonl.
 """
 import argparse
+import math
 import os
 import time
 
@@ -32,37 +37,64 @@ def parse_args(argv=None):
     p.add_argument("--members", type=int, default=3, help="ensemble size")
     p.add_argument("--hidden", type=int, default=64, help="hidden layer width")
     p.add_argument("--layers", type=int, default=2, help="number of hidden layers")
-    p.add_argument("--steps", type=int, default=400, help="gradient steps this call")
+    p.add_argument("--epochs", type=float, default=30,
+                   help="passes over each member's bootstrap sample this call (sets the number of steps)")
+    p.add_argument("--min-steps", type=int, default=500, help="at least this many gradient steps")
+    p.add_argument("--steps", type=int, default=None, help="gradient steps this call; overrides --epochs")
     p.add_argument("--batch-size", type=int, default=64, help="labelled pairs per member per step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--random-answer", type=float, default=0.1,
                    help="assumed probability that the teacher answered uniformly at random")
     p.add_argument("--val-fraction", type=float, default=float(1 / np.e), help="share held out per member")
-    p.add_argument("--l2", type=float, default=1e-4, help="initial L2 coefficient (then adapted)")
-    p.add_argument("--adapt-every", type=int, default=25, help="steps between L2 adaptations")
+    p.add_argument("--l2", type=float, default=1e-2, help="initial L2 coefficient (then adapted)")
+    p.add_argument("--l2-range", type=float, nargs=2, default=[1e-5, 1.0], help="bounds of the adapted L2")
+    p.add_argument("--l2-factor", type=float, default=1.3, help="L2 is multiplied or divided by this")
+    p.add_argument("--target-ratio", type=float, nargs=2, default=[1.1, 1.5],
+                   help="validation/training loss range that L2 adaptation aims for")
+    p.add_argument("--adapt-every", type=int, default=10, help="steps between L2 adaptations")
     p.add_argument("--normalize-rounds", type=int, default=3,
                    help="normalise each member's output over the states of this many latest rounds")
     p.add_argument("--fresh", action="store_true", help="start from a new model instead of the saved one")
     p.add_argument("--seed", type=int, default=None, help="default: the run's seed")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (small nets: 1 is fastest)")
+    args = p.parse_args(argv)
+    # A mistyped flag is one sentence now rather than a traceback or a silent NaN loss later.
+    rules = {"--members": args.members >= 1, "--hidden": args.hidden >= 1, "--layers": args.layers >= 1,
+             "--epochs": args.epochs > 0, "--min-steps": args.min_steps >= 1, "--batch-size": args.batch_size >= 1,
+             "--steps": args.steps is None or args.steps >= 1, "--lr": args.lr > 0,
+             "--random-answer": 0 <= args.random_answer < 1, "--val-fraction": 0 <= args.val_fraction < 1,
+             "--l2": args.l2 >= 0, "--l2-range": 0 <= args.l2_range[0] <= args.l2_range[1],
+             "--l2-factor": args.l2_factor >= 1,
+             "--target-ratio": 0 < args.target_ratio[0] <= args.target_ratio[1],
+             "--adapt-every": args.adapt_every >= 1, "--normalize-rounds": args.normalize_rounds >= 1,
+             "--threads": args.threads >= 1}
+    for flag, ok in rules.items():
+        if not ok:
+            p.error(f"argument {flag}: value out of range (see --help)")
+    return args
 
 
 def preference_loss(r_left, r_right, target, random_answer):
     """Cross-entropy of the teacher's answer under the Bradley-Terry model with a random-answer floor.
 
     r_left, r_right: predicted segment returns (...,); target: P(left preferred) in {0, 0.5, 1} (...,).
-    Returns the per-pair loss (...,)."""
-    p_left = (1 - random_answer) * torch.sigmoid(r_left - r_right) + random_answer / 2
-    return -(target * torch.log(p_left) + (1 - target) * torch.log(1 - p_left))
+    Returns the per-pair loss (...,). Computed in log space, so that a confident mistake costs its full
+    (large but finite) loss also without the random-answer floor instead of log(0)."""
+    d = r_left - r_right
+    floor = torch.tensor(random_answer / 2).log()  # -inf when random_answer = 0: logaddexp ignores it
+    scale = torch.tensor(1 - random_answer).log()
+    log_p_left = torch.logaddexp(scale + torch.nn.functional.logsigmoid(d), floor)
+    log_p_right = torch.logaddexp(scale + torch.nn.functional.logsigmoid(-d), floor)
+    return -(target * log_p_left + (1 - target) * log_p_right)
 
 
 def split_labels(query_ids, members, val_fraction, seed):
     """Per member, which labels it validates on and how often each other label is in its bootstrap sample.
 
-    query_ids: (N,). Returns (is_val (K, N) bool, counts (K, N) int). Both depend only on (seed, query id,
-    member), so a label keeps its role from round to round: a warm-started member never trains on what it
-    validated on before."""
+    query_ids: (N,). Returns (is_val (K, N) bool, counts (K, N) int). A Poisson(1) count per label is the
+    usual streaming form of a bootstrap resample (multinomial counts for large N). Both depend only on
+    (seed, query id, member), so a label keeps its role from round to round: a warm-started member never
+    trains on what it validated on before."""
     is_val = np.zeros((members, len(query_ids)), bool)
     counts = np.zeros((members, len(query_ids)), np.int64)
     for j, qid in enumerate(query_ids):
@@ -74,35 +106,177 @@ def split_labels(query_ids, members, val_fraction, seed):
 
 
 def segment_returns(model, x):
-    """x: (K, B, T, D) inputs -> (K, B) each member's predicted return of its own segments."""
+    """x: (K, B, T, D) each member's own segments -> (K, B) their predicted returns."""
     k, b, t, d = x.shape
     return model(x.reshape(k, b * t, d)).reshape(k, b, t).sum(-1)
 
 
-def evaluate(model, x, left, right, target, mask, random_answer):
-    """Loss and accuracy per member over the pairs where mask (K, N) is set. left/right: (N,) segment
-    indices into x (S, T, D); target: (N,). Accuracy counts only pairs with a strict preference."""
+def all_segment_returns(model, x, chunk=256):
+    """x: (S, T, D) -> (K, S) every member's predicted return of every segment, without gradients."""
     with torch.no_grad():
-        seg_return = segment_returns(model, x.unsqueeze(0).expand(model.members, -1, -1, -1))  # (K, S)
-        r_left, r_right = seg_return[:, left], seg_return[:, right]
-        loss = preference_loss(r_left, r_right, target, random_answer)
-        correct = ((r_left > r_right) == (target > 0.5)).float()
-        strict = (target != 0.5)
-    losses, accs = [], []
-    for k in range(model.members):
-        m = torch.as_tensor(mask[k])
-        losses.append(float(loss[k][m].mean()) if m.any() else float("nan"))
-        ms = m & strict
-        accs.append(float(correct[k][ms].mean()) if ms.any() else float("nan"))
-    return np.array(losses), np.array(accs), seg_return.numpy()
+        return torch.cat([segment_returns(model, x[i:i + chunk].unsqueeze(0).expand(model.members, -1, -1, -1))
+                          for i in range(0, len(x), chunk)], dim=1)
+
+
+def member_metrics(seg_return, left, right, target, weight, random_answer):
+    """Loss and accuracy per member from predicted returns seg_return (K, S) of the pairs (left, right (N,)
+    indices into S, target (N,)), each pair weighted by weight (K, N) (0 = not counted). Accuracy counts only
+    pairs with a strict preference. Returns (loss (K,), accuracy (K,)), NaN where a member has no pairs."""
+    r_left, r_right = seg_return[:, left], seg_return[:, right]
+    loss = preference_loss(r_left, r_right, target, random_answer).numpy()
+    correct = ((r_left > r_right) == (target > 0.5)).numpy()
+    strict = weight * (target != 0.5).numpy()
+    with np.errstate(invalid="ignore"):
+        return (weight * loss).sum(1) / weight.sum(1), (strict * correct).sum(1) / strict.sum(1)
 
 
 def rank_correlation(a, b):
-    """Spearman's rank correlation of two 1-D arrays (ties broken by order; enough for a progress log)."""
+    """Spearman's rank correlation of two 1-D arrays (ties get their mean rank); NaN below 3 points."""
     if len(a) < 3:
         return float("nan")
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+
+    def ranks(v):
+        v = np.asarray(v, np.float64)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+        return (np.bincount(inverse, r) / counts)[inverse]
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def pair_losses(model, x, pairs, target, idx, random_answer):
+    """Each member's loss on its own labels idx (K, W), as a (K, W) tensor. x: (S, T, D) segments; pairs:
+    (2, N) the segment indices of every label; target: (N,)."""
+    k, w = idx.shape
+    returns = segment_returns(model, x[pairs[:, idx].transpose(0, 1).reshape(k, 2 * w)])  # (K, 2W)
+    r_left, r_right = returns.reshape(k, 2, w).unbind(1)
+    return preference_loss(r_left, r_right, target[idx], random_answer)
+
+
+def padded(index_lists):
+    """Label indices of each member padded to a common length W: (idx (K, W), weight (K, W), 0 on padding)."""
+    width = max(len(v) for v in index_lists)
+    idx = np.stack([np.resize(v, width) if len(v) else np.zeros(width, np.int64) for v in index_lists])
+    weight = np.stack([np.arange(width) < len(v) for v in index_lists])
+    return torch.as_tensor(idx, dtype=torch.int64), torch.as_tensor(weight, dtype=torch.float32)
+
+
+def weighted_mean(values, weight):
+    """values, weight: (K, W) -> (K,) numpy; NaN where a row has no weight."""
+    total = weight.sum(1)
+    return torch.where(total > 0, (values * weight).sum(1) / total.clamp_min(1), torch.nan).numpy()
+
+
+def adapt_l2(l2, ratio, args):
+    """The paper's rule: multiply a member's L2 coefficient by --l2-factor while its validation loss exceeds
+    target_ratio[1] x its training loss (overfitting), divide it while below target_ratio[0] (underfitting).
+    l2, ratio: (K,); a NaN ratio (no validation labels) leaves l2 as it is. Returns the new l2 (K,)."""
+    low, high = args.target_ratio
+    l2 = np.where(ratio > high, l2 * args.l2_factor, np.where(ratio < low, l2 / args.l2_factor, l2))
+    return np.clip(l2, *args.l2_range)
+
+
+def fit(x, left, right, target, is_val, counts, args, model=None, l2=None, seed=0):
+    """Fit the ensemble to labelled pairs.
+
+    x: (S, T, D) float32 segment inputs; left, right: (N,) int64 indices into S; target: (N,) float32
+    P(left preferred); is_val, counts: (K, N) from split_labels. model/l2: a model to warm-start and its
+    (K,) L2 coefficients, or None for a new one with input normalisation from x. Returns (model, l2 (K,),
+    report) where report has the steps taken and the (K,) val/train loss ratio after each adaptation."""
+    members = is_val.shape[0]
+    if model is None:
+        model = C.build_reward_ensemble(x.shape[-1], members, args.hidden, args.layers)
+        flat = x.reshape(-1, x.shape[-1])
+        model.in_mean.copy_(flat.mean(0))
+        model.in_std.copy_(flat.std(0).clamp_min(1e-3))
+        l2 = None
+    l2 = np.full(members, args.l2) if l2 is None else np.asarray(l2, np.float64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    rng = np.random.default_rng([seed, len(target)])
+
+    # Each member draws its minibatches from its own bootstrap sample (label indices repeated by count).
+    # With a handful of labels a sample can come out empty: then the member trains on all it does not
+    # validate on, and if that is nothing too, on everything rather than on nothing.
+    pools = [np.repeat(np.arange(len(target)), counts[k]) for k in range(members)]
+    pools = [p if len(p) else np.flatnonzero(~is_val[k]) if (~is_val[k]).any() else np.arange(len(target))
+             for k, p in enumerate(pools)]
+    mean_pool = float(np.mean([len(p) for p in pools]))
+    steps = args.steps or max(args.min_steps, math.ceil(args.epochs * mean_pool / args.batch_size))
+
+    # The rule compares each member's validation loss (all its held-out labels) with its training loss on a
+    # sample of its bootstrap set as large, both under the current weights: a running mean of minibatch
+    # losses lags behind and reads ~10% low while the loss falls, which would ease L2 off too early.
+    val_idx, val_weight = padded([np.flatnonzero(is_val[k]) for k in range(members)])
+    train_idx, train_weight = padded([rng.permutation(p)[:val_idx.shape[1]] for p in pools])
+    has_val = val_weight.sum(1).numpy() > 0
+    pairs = torch.stack([left, right])  # (2, N)
+    ratios = []
+    for step in range(1, steps + 1):
+        batch = torch.as_tensor(np.stack([rng.choice(p, args.batch_size) for p in pools]))  # (K, B)
+        loss = pair_losses(model, x, pairs, target, batch, args.random_answer).mean(1)  # (K,)
+        l2_term = sum((w ** 2).sum(dim=(1, 2)) for w in model.weights)  # (K,)
+        total = (loss + torch.as_tensor(l2, dtype=torch.float32) * l2_term).sum()
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        if step % args.adapt_every == 0 and has_val.any():
+            with torch.no_grad():
+                val = weighted_mean(pair_losses(model, x, pairs, target, val_idx, args.random_answer), val_weight)
+                train = weighted_mean(pair_losses(model, x, pairs, target, train_idx, args.random_answer),
+                                      train_weight)
+            ratio = np.where(has_val, val / np.maximum(train, 1e-6), np.nan)
+            l2 = adapt_l2(l2, ratio, args)
+            ratios.append(ratio)
+    return model, l2, {"steps": steps, "epochs": steps * args.batch_size / mean_pool, "ratios": ratios}
+
+
+def evaluate(model, x, left, right, target, is_val, counts, true_return, random_answer):
+    """Figures of a fitted ensemble: per member (K,) training loss and accuracy (bootstrap-weighted),
+    validation loss and accuracy, and the Spearman correlation of predicted and true segment returns
+    (true_return (S,)) over the segments of its validation pairs that it never trained on."""
+    seg_return = all_segment_returns(model, x)  # (K, S)
+    train = member_metrics(seg_return, left, right, target, counts.astype(np.float64), random_answer)
+    val = member_metrics(seg_return, left, right, target, is_val.astype(np.float64), random_answer)
+    correlations = []
+    pairs = np.stack([left.numpy(), right.numpy()])
+    for k in range(model.members):
+        held = np.setdiff1d(pairs[:, is_val[k]], pairs[:, counts[k] > 0])
+        correlations.append(rank_correlation(seg_return[k, held].numpy(), true_return[held]))
+    return {"train_loss": train[0], "train_accuracy": train[1], "val_loss": val[0], "val_accuracy": val[1],
+            "val_return_spearman": np.array(correlations)}
+
+
+def normalize_output(model, x):
+    """Set each member's out_mean/out_std to the mean and std of its per-step output over x (S, T, D)."""
+    with torch.no_grad():
+        out = torch.cat([model(x[i:i + 256].reshape(-1, x.shape[-1])) for i in range(0, len(x), 256)], 1)
+        model.out_mean.copy_(out.mean(1))
+        model.out_std.copy_(out.std(1).clamp_min(1e-6))
+
+
+def save_model(path, model, l2, labels):
+    """Write reward_model.pt (README.md, "The data contract"); contract.load_reward_model reads it."""
+    C.save_torch_atomic(path, {"model": model.state_dict(), "members": model.members, "hidden": model.hidden,
+                               "layers": model.layers, "in_dim": model.in_dim, "l2": [float(v) for v in l2],
+                               "labels": labels, "format_version": C.FORMAT_VERSION})
+
+
+def in_range_share(ratios, target_ratio):
+    """Share of the L2 adaptations (all members) that found val/train loss in range; None if there were none."""
+    ratios = np.ravel(ratios)
+    ratios = ratios[~np.isnan(ratios)]
+    if not len(ratios):
+        return None
+    return round(float(np.mean((ratios >= target_ratio[0]) & (ratios <= target_ratio[1]))), 3)
+
+
+def mean_or_none(values):
+    values = np.asarray(values, np.float64)
+    return None if np.all(np.isnan(values)) else float(np.nanmean(values))
 
 
 def main():
@@ -111,7 +285,6 @@ def main():
     config = C.open_run(args.run, create=False)
     seed = config["seed"] if args.seed is None else args.seed
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     started = time.time()
 
     queries = C.read_queries(args.run)
@@ -135,7 +308,7 @@ def main():
     is_val, counts = split_labels([l["query_id"] for l in labels], args.members, args.val_fraction, seed)
 
     # Warm start from the previous round unless the architecture changed.
-    model, l2 = None, np.full(args.members, args.l2)
+    model, l2 = None, None
     path = os.path.join(args.run, C.REWARD_MODEL)
     if os.path.exists(path) and not args.fresh:
         ckpt = C.load_torch(path, "reward model")
@@ -143,70 +316,28 @@ def main():
                 (args.members, args.hidden, args.layers, x.shape[-1]):
             model = C.build_reward_ensemble(x.shape[-1], args.members, args.hidden, args.layers)
             model.load_state_dict(ckpt["model"])
-            l2 = np.asarray(ckpt["l2"], np.float64)
-    if model is None:
-        model = C.build_reward_ensemble(x.shape[-1], args.members, args.hidden, args.layers)
-        flat = x.reshape(-1, x.shape[-1])
-        model.in_mean.copy_(flat.mean(0))
-        model.in_std.copy_(flat.std(0).clamp_min(1e-3))
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-
-    # Each member draws its minibatches from its own bootstrap sample (label indices repeated by count).
-    pools = [np.repeat(np.arange(len(labels)), counts[k]) for k in range(args.members)]
-    if any(len(p) == 0 for p in pools):
-        pools = [np.flatnonzero(~is_val[k]) if len(p) == 0 else p for k, p in enumerate(pools)]
-    if any(len(p) == 0 for p in pools):  # a handful of labels: train on everything rather than on nothing
-        pools = [np.arange(len(labels)) for _ in range(args.members)]
-    train_mask = counts > 0
-    for step in range(1, args.steps + 1):
-        batch = torch.as_tensor(np.stack([rng.choice(p, args.batch_size) for p in pools]))  # (K, B)
-        r_left = segment_returns(model, x[left[batch]])
-        r_right = segment_returns(model, x[right[batch]])
-        loss = preference_loss(r_left, r_right, target[batch], args.random_answer).mean(1)  # (K,)
-        l2_term = sum((w ** 2).sum(dim=(1, 2)) for w in model.weights)  # (K,)
-        total = (loss + torch.as_tensor(l2, dtype=torch.float32) * l2_term).sum()
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        if step % args.adapt_every == 0 and is_val.any():
-            train_loss, _, _ = evaluate(model, x, left, right, target, train_mask, args.random_answer)
-            val_loss, _, _ = evaluate(model, x, left, right, target, is_val, args.random_answer)
-            ratio = val_loss / np.maximum(train_loss, 1e-6)
-            l2 = np.where(ratio > 1.5, l2 * 1.5, np.where(ratio < 1.1, l2 / 1.5, l2))
-            l2 = np.clip(np.nan_to_num(l2, nan=args.l2), 1e-8, 10.0)
-
-    train_loss, train_acc, _ = evaluate(model, x, left, right, target, train_mask, args.random_answer)
-    val_loss, val_acc, seg_return = evaluate(model, x, left, right, target, is_val, args.random_answer)
-
-    # Correlation of predicted and true segment returns on each member's held-out segments.
-    true_return = segments["rewards"].sum(-1)
-    correlations = []
-    for k in range(args.members):
-        held = np.unique(np.concatenate([left[is_val[k]].numpy(), right[is_val[k]].numpy()]))
-        trained = np.unique(np.concatenate([left[train_mask[k]].numpy(), right[train_mask[k]].numpy()]))
-        held = np.setdiff1d(held, trained)
-        correlations.append(rank_correlation(seg_return[k, held], true_return[held]))
-
-    # Normalise each member's output over recently collected states (the paper's zero mean, unit std).
+            l2 = ckpt["l2"]
+        else:
+            print(f"train_reward: {path} has another architecture or input size, so training starts afresh")
+    model, l2, report = fit(x, left, right, target, is_val, counts, args, model, l2, seed)
+    figures = evaluate(model, x, left, right, target, is_val, counts, segments["rewards"].sum(-1),
+                       args.random_answer)
     recent = segments["round"] >= segments["round"].max() - args.normalize_rounds + 1
-    with torch.no_grad():
-        out = model(x[torch.as_tensor(recent)].reshape(-1, x.shape[-1]))  # (K, n*T)
-        model.out_mean.copy_(out.mean(1))
-        model.out_std.copy_(out.std(1).clamp_min(1e-6))
+    normalize_output(model, x[torch.as_tensor(recent)])
 
-    C.save_torch_atomic(path, {"model": model.state_dict(), "members": args.members, "hidden": args.hidden,
-                               "layers": args.layers, "in_dim": x.shape[-1], "l2": l2.tolist(),
-                               "labels": len(labels), "format_version": C.FORMAT_VERSION})
-    figures = dict(labels=len(labels), steps=args.steps, train_loss=float(np.nanmean(train_loss)),
-                   val_loss=float(np.nanmean(val_loss)), train_accuracy=float(np.nanmean(train_acc)),
-                   val_accuracy=float(np.nanmean(val_acc)), l2=[float(v) for v in l2],
-                   val_return_spearman=float(np.nanmean(correlations)) if not np.all(np.isnan(correlations))
-                   else None, seconds=round(time.time() - started, 2))
-    C.log_metrics(args.run, "train_reward", **figures)
-    print(f"train_reward: {len(labels)} labels, train acc {figures['train_accuracy']:.3f}, val acc "
-          f"{figures['val_accuracy']:.3f}, val loss {figures['val_loss']:.3f}, held-out return spearman "
-          f"{figures['val_return_spearman'] if figures['val_return_spearman'] is None else round(figures['val_return_spearman'], 3)}, "
-          f"{figures['seconds']:.1f}s")
+    save_model(path, model, l2, len(labels))
+    ratio = figures["val_loss"] / figures["train_loss"]  # (K,): what the L2 rule steers into range
+    log = dict(labels=len(labels), steps=report["steps"], epochs=round(report["epochs"], 1),
+               **{k: mean_or_none(v) for k, v in figures.items()}, l2=[float(v) for v in l2],
+               val_train_ratio=[None if np.isnan(r) else round(float(r), 3) for r in ratio],
+               ratio_in_range=in_range_share(report["ratios"], args.target_ratio),
+               seconds=round(time.time() - started, 2))
+    C.log_metrics(args.run, "train_reward", **log)
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"train_reward: {len(labels)} labels, {report['steps']} steps ({log['epochs']} epochs), train acc "
+          f"{fmt(log['train_accuracy'])} loss {fmt(log['train_loss'])}, val acc {fmt(log['val_accuracy'])} loss "
+          f"{fmt(log['val_loss'])}, val/train loss {fmt(mean_or_none(ratio))}, held-out return spearman "
+          f"{fmt(log['val_return_spearman'])}, {log['seconds']:.1f}s")
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ def test_a_second_teacher_is_refused_while_the_first_runs(base, tmp_path):
 def test_loop_killed_at_random_moments_resumes_and_loses_no_label(tmp_path):
     run = str(tmp_path / "loop")
     env = {**os.environ, "RUN": run, "ENV_ID": "HalfCheetah-v5", "TOTAL_STEPS": "512", "STEPS_PER_ROUND": "256",
-           "LABELS": "16", "NUM_ENVS": "2", "REWARD_STEPS": "5", "PRETRAIN_REWARD_STEPS": "10",
+           "LABELS": "16", "NUM_ENVS": "2", "REWARD_STEPS": "5",
            "EVAL_EPISODES": "1", "CLIPS": "0", "PYTHON": PYTHON, "MUJOCO_GL": "egl"}
     env.pop("RLHF_FAULT", None)
     rng = random.Random(7)

@@ -179,8 +179,7 @@ def agreement_with_oracle(run, round_index):
 def test_loop_end_to_end_on_a_tiny_budget(tmp_path):
     run = str(tmp_path / "e2e")
     env = {"RUN": run, "ENV_ID": "HalfCheetah-v5", "TOTAL_STEPS": "12288", "STEPS_PER_ROUND": "6144",
-           "LABELS": "80", "CLIPS": "1", "NUM_ENVS": "4", "REWARD_STEPS": "150", "PRETRAIN_REWARD_STEPS": "300",
-           "EVAL_EPISODES": "2", "PYTHON": PYTHON}
+           "LABELS": "200", "NUM_ENVS": "4", "EVAL_EPISODES": "2", "PYTHON": PYTHON}  # CLIPS=auto: an oracle needs no clips
     result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, **env})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -192,13 +191,13 @@ def test_loop_end_to_end_on_a_tiny_budget(tmp_path):
         assert os.path.getsize(os.path.join(run, name)) > 0, name
     queries = C.read_queries(run)
     labels = C.read_labels(run, queries)
-    assert len(queries) == 80 and sorted(l["query_id"] for l in labels) == sorted(queries)
+    assert len(queries) == 200 and sorted(l["query_id"] for l in labels) == sorted(queries)
     segments = C.load_segments(run)
     assert len(np.unique(segments["ids"])) == len(segments["ids"])
     assert segments["obs"].shape[1:] == (config["segment_steps"], 17)
     for q in queries.values():
         assert q["left"] in segments["ids"] and q["right"] in segments["ids"]
-        assert os.path.exists(os.path.join(run, q["left_clip"])) and os.path.exists(os.path.join(run, q["right_clip"]))
+        assert q["left_clip"] is None and q["right_clip"] is None  # rendered only for people (see the rendering test)
     assert {q["selection"] for q in queries.values()} == {"random", "disagreement"}
     assert C.policy_step(run) >= 12288
     stages = {m["stage"] for m in C.read_jsonl(os.path.join(run, C.METRICS))}
@@ -207,13 +206,14 @@ def test_loop_end_to_end_on_a_tiny_budget(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     evals = [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "evaluate"]
     assert {e["policy"] for e in evals} == {"random", f"step{C.policy_step(run)}"}
-    assert all(os.path.exists(os.path.join(run, e["clip"])) for e in evals)
+    trained_clip = [e for e in evals if e["policy"] != "random"][-1]["clip"]  # the demo prints this path
+    assert os.path.getsize(os.path.join(run, trained_clip)) > 1000
 
     # Re-running the finished loop asks and answers nothing more: no label asked or counted twice.
     result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, **env})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(C.read_labels(run)) == 80 and len(C.read_queries(run)) == 80
+    assert len(C.read_labels(run)) == 200 and len(C.read_queries(run)) == 200
 
     # The reward model agrees with the oracle on pairs it never trained on: fresh ones from a new rollout.
     result = run_stage("collect.py", "--run", run, "--pairs", "150", "--selection", "random", "--no-clips",

@@ -5,6 +5,7 @@ Hopper-v5 (fixed horizon, as the paper did).
     python bench/bench_paper.py                      # default budget: 1 seed, 1M steps, 2 jobs at a time
     python bench/bench_paper.py --seeds 0 1 2 --jobs 16   # e.g. on a 16-core machine
     python bench/bench_paper.py --report-only             # table and plot of what has finished so far
+    python bench/bench_paper.py --envs HalfCheetah-v5 --labels 700 --teachers oracle mistake stochastic myopic skip equal
 
 Resumable: each condition lives in its own run directory under --out and is marked done by done.json;
 a re-run does only what is missing (and resumes a condition that was interrupted). Writes the table to
@@ -33,6 +34,8 @@ def parse_args():
     p.add_argument("--steps", type=int, default=1_000_000, help="policy env steps of every condition")
     p.add_argument("--steps-per-round", type=int, default=50_000, help="policy steps between label rounds")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--teachers", nargs="+", default=["oracle"], choices=sorted(TEACHERS),
+                   help="synthetic teachers of the label conditions (B-Pref's settings)")
     p.add_argument("--jobs", type=int, default=2, help="conditions run at once (one core each)")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "paper"))
@@ -41,20 +44,28 @@ def parse_args():
     return p.parse_args()
 
 
-def condition_name(env_id, labels, seed):
-    return f"{env_id}-{'true' if labels is None else f'{labels}labels'}-s{seed}"
+# B-Pref's imperfect teachers at the settings of Lee et al. (2021), as label.py teach flags.
+TEACHERS = {"oracle": "", "mistake": "--mistake 0.1", "stochastic": "--beta 1", "myopic": "--gamma 0.9",
+            "skip": "--skip 0.1", "equal": "--equal 0.1"}
 
 
-def run_condition(args, env_id, labels, seed):
+def condition_name(env_id, labels, seed, teacher="oracle"):
+    if labels is None:
+        return f"{env_id}-true-s{seed}"
+    return f"{env_id}-{labels}labels{'' if teacher == 'oracle' else '-' + teacher}-s{seed}"
+
+
+def run_condition(args, env_id, labels, seed, teacher="oracle"):
     """Train one condition to the end (resuming if interrupted) and return its done.json record."""
-    run = os.path.join(args.out, condition_name(env_id, labels, seed))
+    name = condition_name(env_id, labels, seed, teacher)
+    run = os.path.join(args.out, name)
     done_path = os.path.join(run, "done.json")
     if os.path.exists(done_path):
         with open(done_path) as f:
             return json.load(f)
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
-    log = open(os.path.join(args.out, condition_name(env_id, labels, seed) + ".log"), "a")
+    log = open(os.path.join(args.out, name + ".log"), "a")
     env = {**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"}
     python = sys.executable
     if labels is None:
@@ -64,21 +75,22 @@ def run_condition(args, env_id, labels, seed):
     else:
         env.update(RUN=run, ENV_ID=env_id, SEED=str(seed), LABELS=str(labels), TOTAL_STEPS=str(args.steps),
                    STEPS_PER_ROUND=str(args.steps_per_round), CLIPS="0", EVAL_EPISODES=str(args.eval_episodes),
-                   PYTHON=python)
+                   PYTHON=python, TEACHER="oracle" if teacher == "oracle" else "synthetic",
+                   TEACHER_FLAGS=TEACHERS[teacher])
         commands = [["bash", "loop.sh"]]
     for command in commands:
         result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         if result.returncode != 0:
-            raise RuntimeError(f"{condition_name(env_id, labels, seed)} failed; see its .log in {args.out}")
+            raise RuntimeError(f"{name} failed; see its .log in {args.out}")
     metrics = C.read_jsonl(os.path.join(run, C.METRICS), warn=False)
     evaluation = [m for m in metrics if m["stage"] == "evaluate" and m["policy"] != "random"][-1]
     episodes = [m for m in metrics if m["stage"] == "train_policy"]
-    record = {"env": env_id, "labels": labels, "seed": seed, "steps": args.steps,
+    record = {"env": env_id, "labels": labels, "seed": seed, "steps": args.steps, "teacher": teacher,
               "eval_true_return": evaluation["true_return_mean"],
               "train_true_return_last20": float(np.mean([e["true_return"] for e in episodes[-20:]])),
               "minutes": round((time.time() - started) / 60, 1)}
     C.write_json_atomic(done_path, record)
-    print(f"done: {condition_name(env_id, labels, seed)}: true return {record['eval_true_return']:.1f} "
+    print(f"done: {name}: true return {record['eval_true_return']:.1f} "
           f"({record['minutes']} min)", flush=True)
     return record
 
@@ -108,14 +120,16 @@ def report(args, records):
     for ax, env_id in zip(axes[0], args.envs):
         base = [r["eval_true_return"] for r in records if r["env"] == env_id and r["labels"] is None]
         base_mean = float(np.mean(base)) if base else float("nan")
-        for labels in [None] + list(args.labels):
-            rows = [r for r in records if r["env"] == env_id and r["labels"] == labels]
+        for labels, teacher in [(None, "oracle")] + [(n, t) for t in args.teachers for n in args.labels]:
+            rows = [r for r in records if r["env"] == env_id and r["labels"] == labels
+                    and r.get("teacher", "oracle") == teacher]
             if not rows:
                 continue
             value = float(np.mean([r["eval_true_return"] for r in rows]))
-            name = "RL on the true reward" if labels is None else f"{labels} synthetic labels"
+            name = "RL on the true reward" if labels is None else f"{labels} synthetic labels" + (
+                "" if teacher == "oracle" else f", {teacher} teacher ({TEACHERS[teacher]})")
             lines.append(f"| {env_id} | {name} | {value:.0f} | {value / base_mean:.2f} |")
-            curves = [curve(os.path.join(args.out, condition_name(env_id, labels, s)), steps=args.steps)
+            curves = [curve(os.path.join(args.out, condition_name(env_id, labels, s, teacher)), steps=args.steps)
                       for s in args.seeds]
             curves = [c for c in curves if len(c[0])]
             if curves:
@@ -137,8 +151,9 @@ def report(args, records):
 
 def main():
     args = parse_args()
-    conditions = [(env_id, labels, seed) for seed in args.seeds for env_id in args.envs
-                  for labels in [None] + list(args.labels)]
+    conditions = [(env_id, None, seed, "oracle") for seed in args.seeds for env_id in args.envs]
+    conditions += [(env_id, labels, seed, teacher) for seed in args.seeds for env_id in args.envs
+                   for teacher in args.teachers for labels in args.labels]
     print(f"bench_paper: {len(conditions)} conditions of {args.steps:,} steps, {args.jobs} at a time, "
           f"results in {args.out}", flush=True)
     if args.report_only:

@@ -116,8 +116,8 @@ def plot_learning_curve(run_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [m for m in C.read_jsonl(os.path.join(run_dir, C.METRICS), warn=False)
-            if m.get("stage") == "train_policy" and "true_return" in m]
+    metrics = C.read_jsonl(os.path.join(run_dir, C.METRICS), warn=False)
+    rows = [m for m in metrics if m.get("stage") == "train_policy" and "true_return" in m]
     if not rows:
         return None
     steps = np.array([m["step"] for m in rows])
@@ -130,7 +130,7 @@ def plot_learning_curve(run_dir):
         window = max(1, len(values) // 20)
         smooth = np.convolve(np.nan_to_num(values), np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1:], smooth, color=colour, label=key.replace("_", " "))
-    evals = [m for m in C.read_jsonl(os.path.join(run_dir, C.METRICS), warn=False) if m.get("stage") == "evaluate"]
+    evals = [m for m in metrics if m.get("stage") == "evaluate"]
     if evals:
         ax.plot([m["policy_step"] for m in evals], [m["true_return_mean"] for m in evals], "k^",
                 label="evaluation (true)")

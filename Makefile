@@ -3,7 +3,7 @@ PYTHON := .venv/bin/python
 RUN ?= data/demo
 export MUJOCO_GL ?= egl
 
-.PHONY: venv demo test test-fast browser label loop loop-human bench bench-reward bench-ppo bench-paper bench-labeler circus clean-demo
+.PHONY: venv demo test test-fast browser label loop loop-human bench bench-reward bench-ppo bench-paper bench-teachers bench-labeler circus clean-demo
 
 venv: .venv/.installed
 .venv/.installed: requirements.txt
@@ -53,6 +53,10 @@ bench-labeler: venv
 
 bench-paper: venv
 	$(PYTHON) bench/bench_paper.py
+
+# The paper benchmark at 700 labels with each of B-Pref's imperfect teachers (reduced step budget).
+bench-teachers: venv
+	$(PYTHON) bench/bench_paper.py --envs HalfCheetah-v5 --labels 700 --teachers oracle mistake stochastic myopic skip equal --steps 300000 --steps-per-round 30000 --eval-episodes 5 --out bench/out/teachers
 
 circus: venv
 	$(PYTHON) bench/circus.py

@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of a new run (stored in config.json)")
     p.add_argument("--segment-seconds", type=at_least(1e-3, float), default=1.5,
                    help="segment duration of a new run")
+    p.add_argument("--env-kwargs", type=C.env_kwargs_flag, default=None,
+                   help="JSON keyword arguments for gym.make of a new run (default: the fixed horizon of "
+                        "contract.FIXED_HORIZON_KWARGS)")
     p.add_argument("--num-envs", type=at_least(1), default=8, help="environments rolled out side by side")
     p.add_argument("--pairs", type=at_least(0), default=None, help="number of pairs to ask about now")
     p.add_argument("--label-budget", type=at_least(0), default=None,
@@ -290,7 +293,7 @@ def evaluate(args, config):
 
 def main():
     args = parse_args()
-    config = C.open_run(args.run, args.env, args.seed, args.segment_seconds)
+    config = C.open_run(args.run, args.env, args.seed, args.segment_seconds, env_kwargs=args.env_kwargs)
     os.makedirs(os.path.join(args.run, C.CLIPS_DIR), exist_ok=True)
     os.makedirs(os.path.join(args.run, C.SEGMENTS_DIR), exist_ok=True)
     if args.evaluate:

@@ -30,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--env", default=None, help="gymnasium env id; required when the run is new")
     p.add_argument("--seed", type=int, default=0, help="seed of a new run (stored in config.json)")
+    p.add_argument("--env-kwargs", type=C.env_kwargs_flag, default=None,
+                   help="JSON keyword arguments for gym.make of a new run, e.g. '{\"terminate_when_unhealthy\": "
+                        "true}' for the original Hopper (default: contract.FIXED_HORIZON_KWARGS)")
     p.add_argument("--reward", choices=["learned", "true"], default="learned", help="reward to maximise")
     p.add_argument("--total-steps", type=int, default=300_000, help="train until the policy has this many steps")
     p.add_argument("--anneal-steps", type=int, default=None,
@@ -158,7 +161,7 @@ def save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
-    config = C.open_run(args.run, args.env, args.seed)
+    config = C.open_run(args.run, args.env, args.seed, env_kwargs=args.env_kwargs)
     obs_dim, act_dim = config["obs_shape"][0], config["act_shape"][0]
     reward_model = None
     if args.reward == "learned":

@@ -330,3 +330,27 @@ def test_a_full_disk_in_process_keeps_the_old_artifact(tmp_path, monkeypatch):
     assert exit_.value.code == 1
     assert err.getvalue() == (f"error: the disk is full (writing {path}); free some space and run again: "
                               f"the files written before are intact\n")
+
+
+# ---------------------------------------------------------------------------------- env keyword arguments
+
+def test_env_kwargs_the_env_does_not_accept(tmp_path):
+    run = str(tmp_path / "new")
+    refused(run, "collect", "--env", "HalfCheetah-v5", "--env-kwargs", '{"terminate_when_unhealthy": true}',
+            says="environment 'HalfCheetah-v5' does not accept these arguments")
+    assert not os.path.exists(run)
+
+
+@pytest.mark.parametrize("name, args", [("collect", ("--pairs", "2")), ("train_policy", ("--reward", "true"))])
+def test_a_run_made_with_other_env_kwargs(run, name, args):
+    refused(run, name, "--env-kwargs", '{"reset_noise_scale": 0.5}', *args,
+            says=f'{run} was created with env kwargs {{}}, not {{"reset_noise_scale": 0.5}}')
+
+
+@pytest.mark.parametrize("text", ["{bad json", "[1, 2]", "3"])
+def test_env_kwargs_that_are_not_a_json_object(tmp_path, text):
+    run = str(tmp_path / "new")
+    result = stage("train_policy", run, "--env", "Hopper-v5", "--reward", "true", "--env-kwargs", text)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --env-kwargs" in result.stderr and "is not a JSON object" in result.stderr
+    assert not os.path.exists(run)

@@ -130,3 +130,23 @@ def test_checkpoint_resumes_where_it_stopped(tmp_path):
     assert resumed["obs_rms"]["count"] > ckpt["obs_rms"]["count"] + 500
     steps = [m["step"] for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "train_policy"]
     assert steps == sorted(steps) and 512 < max(steps) <= 1024  # episode ends logged at their global step
+
+
+def test_env_kwargs_leave_the_fixed_horizon_for_a_true_reward_baseline(tmp_path):
+    """By default Hopper never terminates (the paper's fixed horizon); --env-kwargs gives back the original,
+    terminating Hopper for comparison with published PPO results, and every later stage uses the stored kwargs."""
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    common = ["--env", "Hopper-v5", "--reward", "true", "--num-envs", "2", "--num-steps", "256",
+              "--update-epochs", "1", "--total-steps", "1024", "--no-plot"]
+    lengths = {}
+    for name, extra in [("fixed", []), ("terminating", ["--env-kwargs", '{"terminate_when_unhealthy": true}'])]:
+        run = str(tmp_path / name)
+        result = subprocess.run([sys.executable, "train_policy.py", "--run", run, *common, *extra], cwd=ROOT,
+                                capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        config = C.read_config(run)
+        lengths[name] = [m["length"] for m in C.read_jsonl(os.path.join(run, C.METRICS))
+                         if m["stage"] == "train_policy"]
+        assert config["env_kwargs"] == {"terminate_when_unhealthy": name == "terminating"}
+    assert lengths["fixed"] == [] or min(lengths["fixed"]) == 1000  # 1024 steps of 2 envs: no episode ends
+    assert len(lengths["terminating"]) > 5 and max(lengths["terminating"]) < 200  # a random hopper falls fast

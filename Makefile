@@ -3,7 +3,7 @@ PYTHON := .venv/bin/python
 RUN ?= data/demo
 export MUJOCO_GL ?= egl
 
-.PHONY: venv demo test test-fast browser label loop loop-human bench bench-reward bench-ppo bench-paper bench-teachers bench-labeler circus clean-demo
+.PHONY: venv demo test test-fast browser label loop loop-human bench bench-reward bench-ppo bench-ppo-returns bench-paper bench-teachers bench-labeler circus clean-demo
 
 venv: .venv/.installed
 .venv/.installed: requirements.txt
@@ -44,6 +44,15 @@ bench: bench-ppo bench-reward bench-labeler
 bench-ppo: venv
 	$(PYTHON) -m pip install --quiet stable-baselines3==2.9.2
 	$(PYTHON) bench/bench_ppo.py
+
+# PPO on the true reward at 1M steps, 3 seeds, against CleanRL's published returns. Hopper is the original,
+# terminating one here (as in the published results), not the loop's fixed horizon. ~25 min; resumes.
+bench-ppo-returns: venv
+	for env in Hopper-v5 HalfCheetah-v5; do for seed in 0 1 2; do \
+	  OMP_NUM_THREADS=1 $(PYTHON) train_policy.py --run bench/out/ppo_returns/$$env-s$$seed --env $$env --seed $$seed \
+	    --reward true --total-steps 1000000 --env-kwargs '{}' --no-plot && \
+	  $(PYTHON) collect.py --run bench/out/ppo_returns/$$env-s$$seed --evaluate 10 --no-clips || exit 1; \
+	done; done
 
 bench-reward: venv
 	$(PYTHON) bench/bench_reward.py

@@ -2,13 +2,15 @@
 loop with the oracle teacher at several label budgets, same step budget and seeds, on HalfCheetah-v5 and
 Hopper-v5 (fixed horizon, as the paper did).
 
-    python bench/bench_paper.py                      # default budget: 1 seed, 1M steps, 2 jobs at a time
+    python bench/bench_paper.py                      # default budget: 1 seed, 500k steps, 2 jobs at a time
+    python bench/bench_paper.py --steps 1000000      # the full budget of 1M steps (~2.5 h here)
     python bench/bench_paper.py --seeds 0 1 2 --jobs 16   # e.g. on a 16-core machine
     python bench/bench_paper.py --report-only             # table and plot of what has finished so far
     python bench/bench_paper.py --envs HalfCheetah-v5 --labels 700 --teachers oracle mistake stochastic myopic skip equal
 
-Resumable: each condition lives in its own run directory under --out and is marked done by done.json;
-a re-run does only what is missing (and resumes a condition that was interrupted). Writes the table to
+Resumable: each condition lives in its own run directory under --out (by default one per step budget,
+bench/out/paper-500k) and is marked done by done.json; a re-run does only what is missing (and resumes
+a condition that was interrupted). Writes the table to
 <out>/paper.md and the plot to <out>/paper.png, and prints both paths.
 """
 import argparse
@@ -31,17 +33,20 @@ def parse_args():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--envs", nargs="+", default=["HalfCheetah-v5", "Hopper-v5"])
     p.add_argument("--labels", nargs="+", type=int, default=[350, 700, 1400], help="label budgets")
-    p.add_argument("--steps", type=int, default=1_000_000, help="policy env steps of every condition")
+    p.add_argument("--steps", type=int, default=500_000,
+                   help="policy env steps of every condition (the default fits in 90 min on 2 cores)")
     p.add_argument("--steps-per-round", type=int, default=50_000, help="policy steps between label rounds")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--teachers", nargs="+", default=["oracle"], choices=sorted(TEACHERS),
                    help="synthetic teachers of the label conditions (B-Pref's settings)")
     p.add_argument("--jobs", type=int, default=2, help="conditions run at once (one core each)")
     p.add_argument("--eval-episodes", type=int, default=10)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "paper"))
+    p.add_argument("--out", default=None, help="results directory (default: bench/out/paper-<steps/1000>k)")
     p.add_argument("--report-only", action="store_true",
                    help="write the table and plot of the conditions finished so far, run nothing")
-    return p.parse_args()
+    args = p.parse_args()
+    args.out = args.out or os.path.join(ROOT, "bench", "out", f"paper-{args.steps // 1000}k")
+    return args
 
 
 # B-Pref's imperfect teachers at the settings of Lee et al. (2021), as label.py teach flags.
@@ -62,7 +67,11 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
     done_path = os.path.join(run, "done.json")
     if os.path.exists(done_path):
         with open(done_path) as f:
-            return json.load(f)
+            record = json.load(f)
+        if record["steps"] != args.steps:
+            raise SystemExit(f"bench_paper: {run} was trained for {record['steps']:,} steps, not {args.steps:,}; "
+                             f"give another --out")
+        return record
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     log = open(os.path.join(args.out, name + ".log"), "a")
@@ -151,9 +160,10 @@ def report(args, records):
 
 def main():
     args = parse_args()
-    conditions = [(env_id, None, seed, "oracle") for seed in args.seeds for env_id in args.envs]
-    conditions += [(env_id, labels, seed, teacher) for seed in args.seeds for env_id in args.envs
-                   for teacher in args.teachers for labels in args.labels]
+    # The longest conditions (most labels) first, the true-reward ones last, so that the jobs end together.
+    conditions = [(env_id, labels, seed, teacher) for seed in args.seeds for labels in sorted(args.labels)[::-1]
+                  for env_id in args.envs for teacher in args.teachers]
+    conditions += [(env_id, None, seed, "oracle") for seed in args.seeds for env_id in args.envs]
     print(f"bench_paper: {len(conditions)} conditions of {args.steps:,} steps, {args.jobs} at a time, "
           f"results in {args.out}", flush=True)
     if args.report_only:

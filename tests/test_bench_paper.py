@@ -1,0 +1,50 @@
+"""Issue 5: `make bench-paper` keeps each finished condition, re-runs only what is missing, refuses to mix
+step budgets in one results directory, and writes its table and plot. A tiny budget on HalfCheetah."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--envs", "HalfCheetah-v5", "--labels", "6", "--steps", "2048", "--steps-per-round", "2048",
+        "--eval-episodes", "1", "--jobs", "2"]
+
+
+def bench(out, *args):
+    return subprocess.run([sys.executable, "bench/bench_paper.py", *TINY, "--out", out, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "MUJOCO_GL": "egl"})
+
+
+def test_bench_paper_resumes_and_reports(tmp_path):
+    out = str(tmp_path / "paper")
+    first = bench(out)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    names = ["HalfCheetah-v5-true-s0", "HalfCheetah-v5-6labels-s0"]
+    records = {}
+    for name in names:
+        with open(os.path.join(out, name, "done.json")) as f:
+            records[name] = json.load(f)
+        assert records[name]["steps"] == 2048 and records[name]["seed"] == 0
+    assert records[names[1]]["labels"] == 6 and records[names[0]]["labels"] is None
+    table = open(os.path.join(out, "paper.md")).read()
+    assert "| HalfCheetah-v5 | RL on the true reward |" in table and "| 6 synthetic labels |" in table
+    assert "Budget: 2,048 policy steps per condition, seeds [0]" in table
+    assert os.path.getsize(os.path.join(out, "paper.png")) > 1000
+
+    # A re-run finds every condition done: nothing is trained again, nothing changes.
+    mtimes = {n: os.path.getmtime(os.path.join(out, n, "policy.pt")) for n in names}
+    again = bench(out)
+    assert again.returncode == 0 and "done:" not in again.stdout
+    assert mtimes == {n: os.path.getmtime(os.path.join(out, n, "policy.pt")) for n in names}
+
+    # A missing condition (here: a second seed) is the only thing run.
+    more = bench(out, "--seeds", "0", "1")
+    assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-2000:]
+    assert sorted(line.split(":")[1].strip() for line in more.stdout.splitlines() if line.startswith("done:")) \
+        == ["HalfCheetah-v5-6labels-s1", "HalfCheetah-v5-true-s1"]
+    assert mtimes == {n: os.path.getmtime(os.path.join(out, n, "policy.pt")) for n in names}
+
+    # Another step budget in the same directory would mix budgets in one table: refused.
+    other = subprocess.run([sys.executable, "bench/bench_paper.py", *TINY[:6], "--steps", "4096", "--out", out],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and "was trained for 2,048 steps, not 4,096" in other.stdout + other.stderr

@@ -717,8 +717,9 @@ class PolicyForRollout:
         return np.clip(action.numpy(), self.low, self.high)
 
 
-def build_reward_ensemble(in_dim, members=3, hidden=64, layers=2):
-    """An ensemble of reward predictors r_k(obs, act) evaluated in one batched pass.
+def build_reward_ensemble(in_dim, members=3, hidden=64, layers=2, inputs="obs"):
+    """An ensemble of reward predictors r_k(obs) (or r_k(obs, act), see REWARD_INPUTS) evaluated in one
+    batched pass.
 
     Weights are stacked along a leading member axis, so forward(x (B, in_dim) or (K, B, in_dim))
     -> (K, B) costs one einsum per layer for all members. Leaky-ReLU MLPs, as in the paper. Buffers
@@ -744,6 +745,7 @@ def build_reward_ensemble(in_dim, members=3, hidden=64, layers=2):
             self.register_buffer("out_mean", torch.zeros(members))
             self.register_buffer("out_std", torch.ones(members))
             self.members, self.in_dim, self.hidden, self.layers = members, in_dim, hidden, layers
+            self.inputs = inputs  # what reward_input feeds it: "obs" or "obs+act"
 
         def forward(self, x):
             x = (x - self.in_mean) / self.in_std
@@ -762,8 +764,18 @@ def build_reward_ensemble(in_dim, members=3, hidden=64, layers=2):
     return RewardEnsemble()
 
 
-def reward_input(obs, acts):
-    """The reward model's input: observation and (clipped) action concatenated along the last axis."""
+# What the reward model sees. "obs" by default: a person judges a clip by what it shows, the states, and
+# measured here, PPO got stuck far below the true-reward agent on a reward model that also saw the actions
+# (HalfCheetah, same 1400 labels: true return 1267 with obs+act, 2764 with obs; BENCHMARKS.md), because the
+# policy can chase the model's spurious action features directly. "obs+act" is the paper's r(o, a).
+REWARD_INPUTS = ("obs", "obs+act")
+
+
+def reward_input(obs, acts, inputs):
+    """The reward model's input (..., in_dim) from obs (..., obs_dim) and (clipped) acts (..., act_dim):
+    the observation alone for inputs="obs", observation and action concatenated for "obs+act"."""
+    if inputs == "obs":
+        return np.asarray(obs, np.float32)
     return np.concatenate([obs, acts], axis=-1).astype(np.float32)
 
 
@@ -774,8 +786,11 @@ def load_reward_model(run_dir):
         return None
     checkpoint = load_torch(path, "reward model")
     try:
+        # Files written before the inputs were a choice saw the actions.
         model = build_reward_ensemble(checkpoint["in_dim"], checkpoint["members"], checkpoint["hidden"],
-                                      checkpoint["layers"])
+                                      checkpoint["layers"], checkpoint.get("inputs", "obs+act"))
+        if model.inputs not in REWARD_INPUTS:
+            raise ValueError(f"inputs {model.inputs!r}")
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"reward model {path} does not match its own description ({type(e).__name__}); "

@@ -169,9 +169,10 @@ def main():
         if reward_model is None:
             raise C.UserError(f"{args.run} has no {C.REWARD_MODEL} yet; run train_reward.py first, or train "
                               f"on the env's reward with --reward true")
-        if reward_model.in_dim != obs_dim + act_dim:
+        expected = obs_dim + (act_dim if reward_model.inputs == "obs+act" else 0)
+        if reward_model.in_dim != expected:
             raise C.UserError(f"{C.REWARD_MODEL} expects {reward_model.in_dim} inputs, but {config['env_id']} "
-                              f"has {obs_dim} + {act_dim}")
+                              f"gives it {expected} ({reward_model.inputs})")
 
     net = C.build_actor_critic(obs_dim, act_dim, args.hidden)
     # fused: one kernel for all parameters instead of ~10 small ops each (Adam was a quarter of the time)
@@ -237,7 +238,7 @@ def main():
             if reward_model is not None:
                 with torch.no_grad():
                     learned = reward_model.normalized_reward(
-                        torch.as_tensor(C.reward_input(raw_obs, env_action))).numpy()
+                        torch.as_tensor(C.reward_input(raw_obs, env_action, reward_model.inputs))).numpy()
                 reward = learned
             else:
                 learned = np.full(n, np.nan)

@@ -34,6 +34,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--inputs", choices=C.REWARD_INPUTS, default="obs",
+                   help="what the model sees: the observation, as a person watching a clip does, or also the "
+                        "action (the paper's r(o, a)); see contract.REWARD_INPUTS")
     p.add_argument("--members", type=int, default=3, help="ensemble size")
     p.add_argument("--hidden", type=int, default=64, help="hidden layer width")
     p.add_argument("--layers", type=int, default=2, help="number of hidden layers")
@@ -189,7 +192,7 @@ def fit(x, left, right, target, is_val, counts, args, model=None, l2=None, seed=
     report) where report has the steps taken and the (K,) val/train loss ratio after each adaptation."""
     members = is_val.shape[0]
     if model is None:
-        model = C.build_reward_ensemble(x.shape[-1], members, args.hidden, args.layers)
+        model = C.build_reward_ensemble(x.shape[-1], members, args.hidden, args.layers, args.inputs)
         flat = x.reshape(-1, x.shape[-1])
         model.in_mean.copy_(flat.mean(0))
         model.in_std.copy_(flat.std(0).clamp_min(1e-3))
@@ -261,7 +264,8 @@ def normalize_output(model, x):
 def save_model(path, model, l2, labels):
     """Write reward_model.pt (README.md, "The data contract"); contract.load_reward_model reads it."""
     C.save_torch_atomic(path, {"model": model.state_dict(), "members": model.members, "hidden": model.hidden,
-                               "layers": model.layers, "in_dim": model.in_dim, "l2": [float(v) for v in l2],
+                               "layers": model.layers, "in_dim": model.in_dim, "inputs": model.inputs,
+                               "l2": [float(v) for v in l2],
                                "labels": labels, "format_version": C.FORMAT_VERSION})
 
 
@@ -301,7 +305,7 @@ def main():
         raise C.UserError(f"{len(missing)} segments named by labelled queries are missing from "
                           f"{C.SEGMENTS_DIR}/ (e.g. {sorted(missing)[0]})")
 
-    x = torch.as_tensor(C.reward_input(segments["obs"], segments["acts"]))  # (S, T, D)
+    x = torch.as_tensor(C.reward_input(segments["obs"], segments["acts"], args.inputs))  # (S, T, D)
     left = torch.as_tensor([index[queries[l["query_id"]]["left"]] for l in labels])
     right = torch.as_tensor([index[queries[l["query_id"]]["right"]] for l in labels])
     target = torch.as_tensor([C.preference_target(l["choice"]) for l in labels], dtype=torch.float32)
@@ -312,13 +316,13 @@ def main():
     path = os.path.join(args.run, C.REWARD_MODEL)
     if os.path.exists(path) and not args.fresh:
         ckpt = C.load_torch(path, "reward model")
-        if (ckpt["members"], ckpt["hidden"], ckpt["layers"], ckpt["in_dim"]) == \
-                (args.members, args.hidden, args.layers, x.shape[-1]):
-            model = C.build_reward_ensemble(x.shape[-1], args.members, args.hidden, args.layers)
+        if (ckpt["members"], ckpt["hidden"], ckpt["layers"], ckpt["in_dim"], ckpt.get("inputs", "obs+act")) == \
+                (args.members, args.hidden, args.layers, x.shape[-1], args.inputs):
+            model = C.build_reward_ensemble(x.shape[-1], args.members, args.hidden, args.layers, args.inputs)
             model.load_state_dict(ckpt["model"])
             l2 = ckpt["l2"]
         else:
-            print(f"train_reward: {path} has another architecture or input size, so training starts afresh")
+            print(f"train_reward: {path} has another architecture or inputs, so training starts afresh")
     model, l2, report = fit(x, left, right, target, is_val, counts, args, model, l2, seed)
     figures = evaluate(model, x, left, right, target, is_val, counts, segments["rewards"].sum(-1),
                        args.random_answer)

@@ -160,10 +160,11 @@ def report(args, records):
 
 def main():
     args = parse_args()
-    # The longest conditions (most labels) first, the true-reward ones last, so that the jobs end together.
-    conditions = [(env_id, labels, seed, teacher) for seed in args.seeds for labels in sorted(args.labels)[::-1]
-                  for env_id in args.envs for teacher in args.teachers]
-    conditions += [(env_id, None, seed, "oracle") for seed in args.seeds for env_id in args.envs]
+    # Seed by seed (a seed's table is complete before the next one starts); within a seed the longest
+    # conditions (most labels) first and the true-reward ones last, so that the jobs end together.
+    conditions = [c for seed in args.seeds for c in
+                  [(env_id, labels, seed, teacher) for labels in sorted(args.labels)[::-1] for env_id in args.envs
+                   for teacher in args.teachers] + [(env_id, None, seed, "oracle") for env_id in args.envs]]
     print(f"bench_paper: {len(conditions)} conditions of {args.steps:,} steps, {args.jobs} at a time, "
           f"results in {args.out}", flush=True)
     if args.report_only:

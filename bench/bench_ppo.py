@@ -43,7 +43,7 @@ class LearnedReward(VecEnvWrapper):
     def step_wait(self):
         obs, _, dones, infos = self.venv.step_wait()
         with torch.no_grad():
-            reward = self.model.normalized_reward(torch.as_tensor(C.reward_input(self.last_obs, self.actions))).numpy()
+            reward = self.model.normalized_reward(torch.as_tensor(C.reward_input(self.last_obs, self.actions, self.model.inputs))).numpy()
         self.last_obs = obs
         return obs, reward, dones, infos
 

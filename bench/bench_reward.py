@@ -192,7 +192,7 @@ def main():
     rows = []
     for env_id in args.envs:
         pool = build_pool(args, env_id)
-        x = torch.as_tensor(C.reward_input(pool["obs"], pool["acts"]))
+        x = torch.as_tensor(C.reward_input(pool["obs"], pool["acts"], train_args.inputs))
         rng = np.random.default_rng(args.seed)
         order = rng.permutation(len(x))
         held, train_segments = order[:args.eval_segments], order[args.eval_segments:]

@@ -166,7 +166,7 @@ def agreement_with_oracle(run, round_index):
     segments = C.load_segments(run)
     queries = [q for q in C.read_queries(run).values() if q["round"] == round_index]
     index = {int(s): i for i, s in enumerate(segments["ids"])}
-    x = torch.as_tensor(C.reward_input(segments["obs"], segments["acts"]))
+    x = torch.as_tensor(C.reward_input(segments["obs"], segments["acts"], model.inputs))
     with torch.no_grad():
         predicted = model.normalized_reward(x.reshape(-1, x.shape[-1])).reshape(x.shape[:2]).sum(1).numpy()
     true = segments["rewards"].sum(1)

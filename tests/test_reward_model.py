@@ -179,7 +179,7 @@ def test_the_first_round_falls_back_to_random_selection_and_says_so(tmp_path, mo
     collect.main()
     assert "no reward model yet, so this round's pairs are chosen at random" in capsys.readouterr().out
     torch.manual_seed(0)
-    train_reward.save_model(os.path.join(run, C.REWARD_MODEL), C.build_reward_ensemble(23), [0.01] * 3, labels=3)
+    train_reward.save_model(os.path.join(run, C.REWARD_MODEL), C.build_reward_ensemble(17), [0.01] * 3, labels=3)
     monkeypatch.setattr(sys, "argv", argv)
     collect.main()
     assert "no reward model" not in capsys.readouterr().out
@@ -278,9 +278,49 @@ def test_the_stage_trains_logs_its_figures_and_warm_starts(tmp_path, monkeypatch
     model = C.load_reward_model(run)
     torch.testing.assert_close(model.in_mean, first.in_mean)  # input normalisation kept from the first round
     with torch.no_grad():
-        latest = model.normalized_reward(torch.as_tensor(C.reward_input(obs[n:], acts[n:])).reshape(-1, 23))
-        members = (model(torch.as_tensor(C.reward_input(obs[n:], acts[n:])).reshape(-1, 23)) -
+        latest = model.normalized_reward(torch.as_tensor(C.reward_input(obs[n:], acts[n:], "obs")).reshape(-1, 17))
+        members = (model(torch.as_tensor(C.reward_input(obs[n:], acts[n:], "obs")).reshape(-1, 17)) -
                    model.out_mean[:, None]) / model.out_std[:, None]
     assert abs(latest.mean().item()) < 1e-3  # normalised over the latest round's states (--normalize-rounds 1)
     np.testing.assert_allclose(members.std(1).numpy(), 1.0, atol=1e-3)
     assert json.dumps(logs[-1])  # the log is plain JSON
+
+
+def test_reward_inputs_are_the_observation_by_default_or_also_the_action(tmp_path, monkeypatch):
+    obs, acts = np.ones((4, 3, 17)), np.zeros((4, 3, 6))
+    assert C.reward_input(obs, acts, "obs").shape == (4, 3, 17)
+    assert C.reward_input(obs, acts, "obs+act").shape == (4, 3, 23)
+    assert C.reward_input(obs, acts, "obs").dtype == np.float32
+
+    run = str(tmp_path / "run")
+    C.open_run(run, "HalfCheetah-v5", seed=0)
+    rng = np.random.default_rng(0)
+    n, t = 150, 30  # a HalfCheetah run's segments: 1.5 s of 0.05 s steps
+    o = rng.normal(size=(2 * n, t, 17)).astype(np.float32)
+    a = rng.uniform(-1, 1, size=(2 * n, t, 6)).astype(np.float32)
+    C.save_segments(run, 0, {"ids": np.arange(2 * n), "obs": o, "acts": a, "rewards": a[:, :, 0].copy(),
+                             "qpos": np.zeros((2 * n, t, 9)), "qvel": np.zeros((2 * n, t, 9)),
+                             "policy_step": np.zeros(2 * n, np.int64)})
+    C.append_jsonl(os.path.join(run, C.QUERIES), [{"query_id": i, "left": 2 * i, "right": 2 * i + 1}
+                                                  for i in range(n)])
+    returns = a[:, :, 0].sum(1)  # a reward only the action shows
+    C.append_jsonl(os.path.join(run, C.LABELS), [
+        {"query_id": i, "labeler": "oracle", "time": 1.0,
+         "choice": "left" if returns[2 * i] > returns[2 * i + 1] else "right"} for i in range(n)])
+
+    def train(*flags):
+        monkeypatch.setattr(sys, "argv", ["train_reward.py", "--run", run, "--steps", "600", *flags])
+        train_reward.main()
+        return C.load_reward_model(run), C.read_jsonl(os.path.join(run, C.METRICS))[-1]
+
+    model, log = train()
+    assert (model.inputs, model.in_dim) == ("obs", 17) and log["val_accuracy"] < 0.65  # it cannot see the action
+    model, log = train("--inputs", "obs+act")
+    assert (model.inputs, model.in_dim) == ("obs+act", 23) and log["val_accuracy"] > 0.75
+
+    # A model saved before the inputs were a choice saw the action.
+    path = os.path.join(run, C.REWARD_MODEL)
+    checkpoint = C.load_torch(path, "reward model")
+    del checkpoint["inputs"]
+    C.save_torch_atomic(path, checkpoint)
+    assert C.load_reward_model(run).inputs == "obs+act"

@@ -174,6 +174,7 @@ def main():
             raise C.UserError(f"{C.REWARD_MODEL} expects {reward_model.in_dim} inputs, but {config['env_id']} "
                               f"gives it {expected} ({reward_model.inputs})")
 
+    torch.manual_seed(config["seed"])  # before the network's random init, so that a seed fixes the whole run
     net = C.build_actor_critic(obs_dim, act_dim, args.hidden)
     # fused: one kernel for all parameters instead of ~10 small ops each (Adam was a quarter of the time)
     parameters = list(net.parameters())  # walking the module tree every minibatch costs more than the step
@@ -195,8 +196,6 @@ def main():
                               f"({type(e).__name__}); it belongs to another run")
         global_step = int(ckpt["global_step"])
         torch.set_rng_state(ckpt["torch_rng"])
-    else:
-        torch.manual_seed(config["seed"])
     if global_step >= args.total_steps:
         print(f"train_policy: policy already at step {global_step} >= --total-steps {args.total_steps}")
         return

@@ -150,3 +150,21 @@ def test_env_kwargs_leave_the_fixed_horizon_for_a_true_reward_baseline(tmp_path)
         assert config["env_kwargs"] == {"terminate_when_unhealthy": name == "terminating"}
     assert lengths["fixed"] == [] or min(lengths["fixed"]) == 1000  # 1024 steps of 2 envs: no episode ends
     assert len(lengths["terminating"]) > 5 and max(lengths["terminating"]) < 200  # a random hopper falls fast
+
+
+def test_a_seed_fixes_the_whole_run(tmp_path):
+    """Two new runs with the same seed train the same policy, bit for bit (the network's initial weights
+    included); another seed trains another."""
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    common = ["--env", "InvertedPendulum-v5", "--reward", "true", "--num-envs", "2", "--num-steps", "64",
+              "--num-minibatches", "4", "--update-epochs", "2", "--total-steps", "256", "--no-plot"]
+    weights = {}
+    for name, seed in [("a", "3"), ("b", "3"), ("c", "4")]:
+        run = str(tmp_path / name)
+        result = subprocess.run([sys.executable, "train_policy.py", "--run", run, "--seed", seed, *common],
+                                cwd=ROOT, capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        weights[name] = C.load_torch(os.path.join(run, C.POLICY), "policy")["model"]
+    for key in weights["a"]:
+        assert torch.equal(weights["a"][key], weights["b"][key]), key
+    assert not torch.equal(weights["a"]["actor_mean.0.weight"], weights["c"]["actor_mean.0.weight"])

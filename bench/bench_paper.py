@@ -124,7 +124,7 @@ def report(args, records):
     lines = [f"Budget: {args.steps:,} policy steps per condition, seeds {args.seeds}, label rounds every "
              f"{args.steps_per_round:,} steps, true return = mean of {args.eval_episodes} evaluation episodes "
              f"of the final policy (mean over seeds).", "",
-             "| env | condition | final true return | ratio to true-reward RL |", "|---|---|---|---|"]
+             "| env | condition | final true return | per seed | ratio to true-reward RL |", "|---|---|---|---|---|"]
     fig, axes = plt.subplots(1, len(args.envs), figsize=(6 * len(args.envs), 4), squeeze=False)
     for ax, env_id in zip(axes[0], args.envs):
         base = [r["eval_true_return"] for r in records if r["env"] == env_id and r["labels"] is None]
@@ -134,10 +134,12 @@ def report(args, records):
                     and r.get("teacher", "oracle") == teacher]
             if not rows:
                 continue
+            rows.sort(key=lambda r: r["seed"])
             value = float(np.mean([r["eval_true_return"] for r in rows]))
+            per_seed = ", ".join(f"{r['eval_true_return']:.0f} (s{r['seed']})" for r in rows)
             name = "RL on the true reward" if labels is None else f"{labels} synthetic labels" + (
                 "" if teacher == "oracle" else f", {teacher} teacher ({TEACHERS[teacher]})")
-            lines.append(f"| {env_id} | {name} | {value:.0f} | {value / base_mean:.2f} |")
+            lines.append(f"| {env_id} | {name} | {value:.0f} | {per_seed} | {value / base_mean:.2f} |")
             curves = [curve(os.path.join(args.out, condition_name(env_id, labels, s, teacher)), steps=args.steps)
                       for s in args.seeds]
             curves = [c for c in curves if len(c[0])]

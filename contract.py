@@ -764,10 +764,10 @@ def build_reward_ensemble(in_dim, members=3, hidden=64, layers=2, inputs="obs"):
     return RewardEnsemble()
 
 
-# What the reward model sees. "obs" by default: a person judges a clip by what it shows, the states, and
-# measured here, PPO got stuck far below the true-reward agent on a reward model that also saw the actions
-# (HalfCheetah, same 1400 labels: true return 1267 with obs+act, 2764 with obs; BENCHMARKS.md), because the
-# policy can chase the model's spurious action features directly. "obs+act" is the paper's r(o, a).
+# What the reward model sees. "obs" by default: a person judges a clip by what it shows, the states, not the
+# torques; and a model that also sees the actions offers the policy, which sets its actions directly, a
+# shortcut through whatever action features the model picked up by chance (measured in BENCHMARKS.md, "What
+# the reward model sees": once much worse than obs, once a tie). "obs+act" is the paper's r(o, a).
 REWARD_INPUTS = ("obs", "obs+act")
 
 

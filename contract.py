@@ -784,7 +784,13 @@ def load_reward_model(run_dir):
     path = os.path.join(run_dir, REWARD_MODEL)
     if not os.path.exists(path):
         return None
-    checkpoint = load_torch(path, "reward model")
+    model = reward_model_from_checkpoint(load_torch(path, "reward model"), path)
+    model.eval()
+    return model
+
+
+def reward_model_from_checkpoint(checkpoint, path):
+    """The ensemble a loaded reward_model.pt (from `path`) describes, with its weights."""
     try:
         # Files written before the inputs were a choice saw the actions.
         model = build_reward_ensemble(checkpoint["in_dim"], checkpoint["members"], checkpoint["hidden"],
@@ -795,7 +801,6 @@ def load_reward_model(run_dir):
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"reward model {path} does not match its own description ({type(e).__name__}); "
                         f"delete it to train a new one")
-    model.eval()
     return model
 
 

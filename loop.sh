@@ -21,7 +21,8 @@ TEACHER=${TEACHER:-oracle}                # oracle | synthetic (label.py teach $
 TEACHER_FLAGS=${TEACHER_FLAGS:-}          # e.g. "--mistake 0.1" or "--behaviour cheetah_backwards"
 HUMAN_FRACTION=${HUMAN_FRACTION:-0.75}    # with TEACHER=human: share of pairs answered before going on
 CLIPS=${CLIPS:-auto}                      # render clips: auto (only for people) | 1 | 0
-REWARD_INPUTS=${REWARD_INPUTS:-obs}       # what the reward model sees: obs | obs+act (the paper's r(o, a))
+REWARD_INPUTS=${REWARD_INPUTS:-}          # what the reward model sees: obs | obs+act (the paper's r(o, a));
+                                          # default: train_reward.py's
 REWARD_STEPS=${REWARD_STEPS:-}            # reward model gradient steps per round (default: train_reward.py's,
                                           # which grow with the number of labels)
 NUM_ENVS=${NUM_ENVS:-8}
@@ -57,7 +58,7 @@ while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
     oracle) run "$PYTHON" label.py teach --run "$RUN" ;;
     *) run "$PYTHON" label.py teach --run "$RUN" $TEACHER_FLAGS ;;
   esac
-  run "$PYTHON" train_reward.py --run "$RUN" --inputs "$REWARD_INPUTS" ${REWARD_STEPS:+--steps "$REWARD_STEPS"}
+  run "$PYTHON" train_reward.py --run "$RUN" ${REWARD_INPUTS:+--inputs "$REWARD_INPUTS"} ${REWARD_STEPS:+--steps "$REWARD_STEPS"}
   round=$(( round + 1 ))
   target=$(( round * STEPS_PER_ROUND < TOTAL_STEPS ? round * STEPS_PER_ROUND : TOTAL_STEPS ))
   run "$PYTHON" train_policy.py --run "$RUN" --total-steps "$target" --anneal-steps "$TOTAL_STEPS" \

@@ -316,11 +316,10 @@ def main():
     path = os.path.join(args.run, C.REWARD_MODEL)
     if os.path.exists(path) and not args.fresh:
         ckpt = C.load_torch(path, "reward model")
-        if (ckpt["members"], ckpt["hidden"], ckpt["layers"], ckpt["in_dim"], ckpt.get("inputs", "obs+act")) == \
+        saved = C.reward_model_from_checkpoint(ckpt, path)
+        if (saved.members, saved.hidden, saved.layers, saved.in_dim, saved.inputs) == \
                 (args.members, args.hidden, args.layers, x.shape[-1], args.inputs):
-            model = C.build_reward_ensemble(x.shape[-1], args.members, args.hidden, args.layers, args.inputs)
-            model.load_state_dict(ckpt["model"])
-            l2 = ckpt["l2"]
+            model, l2 = saved, ckpt["l2"]
         else:
             print(f"train_reward: {path} has another architecture or inputs, so training starts afresh")
     model, l2, report = fit(x, left, right, target, is_val, counts, args, model, l2, seed)

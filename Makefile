@@ -47,11 +47,14 @@ bench-ppo: venv
 
 # PPO on the true reward at 1M steps, 3 seeds, against CleanRL's published returns. Hopper is the original,
 # terminating one here (as in the published results), not the loop's fixed horizon. ~25 min; resumes.
+# e.g. make bench-ppo-returns PPO_FLAGS=--overlap PPO_OUT=bench/out/ppo_returns-overlap
+PPO_FLAGS ?=
+PPO_OUT ?= bench/out/ppo_returns
 bench-ppo-returns: venv
 	for env in Hopper-v5 HalfCheetah-v5; do for seed in 0 1 2; do \
-	  OMP_NUM_THREADS=1 $(PYTHON) train_policy.py --run bench/out/ppo_returns/$$env-s$$seed --env $$env --seed $$seed \
-	    --reward true --total-steps 1000000 --env-kwargs '{}' --no-plot && \
-	  $(PYTHON) collect.py --run bench/out/ppo_returns/$$env-s$$seed --evaluate 10 --no-clips || exit 1; \
+	  OMP_NUM_THREADS=1 $(PYTHON) train_policy.py --run $(PPO_OUT)/$$env-s$$seed --env $$env --seed $$seed \
+	    --reward true --total-steps 1000000 --env-kwargs '{}' --no-plot $(PPO_FLAGS) && \
+	  $(PYTHON) collect.py --run $(PPO_OUT)/$$env-s$$seed --evaluate 10 --no-clips || exit 1; \
 	done; done
 
 bench-reward: venv

@@ -4,7 +4,8 @@ PPO for continuous actions, written out here in torch after CleanRL's ppo_contin
 environments stepped together, GAE, clipped surrogate and value losses, observation normalisation and
 return-based reward scaling, a state-independent Gaussian policy. Time-limit truncation bootstraps from the
 value of the final observation instead of pretending the episode ended. The learned reward of all
-environments of a step is one batched forward pass of the reward ensemble.
+environments of a step is one batched forward pass of the reward ensemble. With --overlap a second process
+collects the next rollout while this one updates (each rollout then comes from the policy one update old).
 
     python train_policy.py --run data/cheetah --total-steps 300000          # learned reward
     python train_policy.py --run data/cheetah-rl --env HalfCheetah-v5 --reward true --total-steps 1000000
@@ -39,6 +40,8 @@ def parse_args(argv=None):
                    help="learning rate decays linearly to 0 at this step (default: --total-steps)")
     p.add_argument("--num-envs", type=int, default=8, help="environments stepped together")
     p.add_argument("--async-envs", action="store_true", help="step environments in worker processes")
+    p.add_argument("--overlap", action="store_true",
+                   help="collect the next rollout on a second core while updating (one update of policy lag)")
     p.add_argument("--num-steps", type=int, default=256, help="steps per environment per rollout")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
     p.add_argument("--gamma", type=float, default=0.99, help="discount")
@@ -98,14 +101,13 @@ def gaussian_log_prob(mean, log_std, action):
     return (-0.5 * ((action - mean) * torch.exp(-log_std)) ** 2 - log_std - LOG_SQRT_2PI).sum(-1)
 
 
-def log_prob_and_entropy(net, obs, action):
-    """(log pi(action | obs) (B,), entropy of pi(. | obs) (B,))."""
-    mean = net.actor_mean(obs)
-    log_std = net.actor_logstd.expand_as(mean)
-    return gaussian_log_prob(mean, log_std, action), (log_std + 0.5 + LOG_SQRT_2PI).sum(-1)
+def gaussian_entropy(log_std):
+    """Entropy of N(mean, exp(log_std)) summed over action dims: (..., act_dim) -> (...). It does not depend
+    on the mean, so for our state-independent std it is the same for every observation."""
+    return (log_std + 0.5 + LOG_SQRT_2PI).sum(-1)
 
 
-# ---------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------------ rollouts
 
 def make_envs(args, config):
     import gymnasium as gym
@@ -113,6 +115,167 @@ def make_envs(args, config):
     vector = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
     return vector(factories, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
+
+class Rollouts:
+    """Steps the vector env with a policy, --num-steps steps at a time. Owns everything stepping changes: the
+    envs, the observation and return normalisers, the running discounted returns and episode sums."""
+
+    def __init__(self, args, config, reward_model, obs_rms, return_rms, start_step):
+        self.args, self.reward_model, self.obs_rms, self.return_rms = args, reward_model, obs_rms, return_rms
+        self.envs = make_envs(args, config)
+        self.low, self.high = self.envs.single_action_space.low, self.envs.single_action_space.high
+        self.step = start_step
+        n = args.num_envs
+        self.raw_obs, _ = self.envs.reset(seed=config["seed"] * 10_007 + start_step)
+        self.next_done = torch.zeros(n)
+        self.discounted = np.zeros(n)
+        self.episode_true, self.episode_learned, self.episode_len = np.zeros(n), np.zeros(n), np.zeros(n, np.int64)
+
+    def collect(self, net):
+        """Run net's policy for T = --num-steps steps of all N envs. Returns (batch, episodes). batch: tensors
+        obs (T, N, obs_dim) normalised as the policy saw them, act (T, N, act_dim) as sampled (before clipping
+        to the action bounds), logp, val, rew (scaled) and done (1 where an episode had ended before that
+        step), each (T, N); next_value and next_done (N,) for the state after the last step. episodes: one
+        dict per episode that ended, with its true and learned return."""
+        args, n, reward_model = self.args, self.args.num_envs, self.reward_model
+        obs_buf = torch.zeros((args.num_steps, n, self.raw_obs.shape[1]))
+        act_buf = torch.zeros((args.num_steps, n, self.low.shape[0]))
+        logp_buf, rew_buf, done_buf, val_buf = (torch.zeros((args.num_steps, n)) for _ in range(4))
+        episodes = []
+        for t in range(args.num_steps):
+            self.obs_rms.update(self.raw_obs)
+            obs = torch.as_tensor(C.normalize_obs(self.raw_obs, self.obs_rms))
+            with torch.no_grad():
+                mean = net.actor_mean(obs)
+                log_std = net.actor_logstd.expand_as(mean)
+                action = mean + log_std.exp() * torch.randn_like(mean)
+                logp = gaussian_log_prob(mean, log_std, action)
+                value = net.critic(obs).squeeze(-1)
+            env_action = np.clip(action.numpy(), self.low, self.high)
+            next_raw, true_reward, terminated, truncated, info = self.envs.step(env_action)
+            if reward_model is not None:
+                with torch.no_grad():
+                    learned = reward_model.normalized_reward(
+                        torch.as_tensor(C.reward_input(self.raw_obs, env_action, reward_model.inputs))).numpy()
+                reward = learned
+            else:
+                learned = np.full(n, np.nan)
+                reward = true_reward
+            done = np.logical_or(terminated, truncated)
+            scaled = scale_rewards(reward, self.discounted, self.return_rms, done.astype(np.float64), args.gamma)
+            # A time limit is not a real end: bootstrap from the value of the observation it cut off at.
+            cut = np.flatnonzero(truncated & ~terminated)
+            if len(cut):
+                final = np.stack([info["final_obs"][i] for i in cut])
+                with torch.no_grad():
+                    final_value = net.critic(torch.as_tensor(C.normalize_obs(final, self.obs_rms))).squeeze(-1)
+                scaled[cut] += args.gamma * final_value.numpy()
+
+            obs_buf[t], act_buf[t], logp_buf[t], val_buf[t] = obs, action, logp, value
+            rew_buf[t] = torch.as_tensor(scaled, dtype=torch.float32)
+            done_buf[t] = self.next_done
+            self.next_done = torch.as_tensor(done, dtype=torch.float32)
+
+            self.episode_true += true_reward
+            self.episode_learned += learned
+            self.episode_len += 1
+            self.step += n
+            for i in np.flatnonzero(done):
+                episodes.append({"step": self.step, "true_return": float(self.episode_true[i]),
+                                 "learned_return": None if reward_model is None else float(self.episode_learned[i]),
+                                 "length": int(self.episode_len[i])})
+                self.episode_true[i] = self.episode_learned[i] = self.episode_len[i] = 0
+            self.raw_obs = next_raw
+        with torch.no_grad():
+            next_value = net.critic(torch.as_tensor(C.normalize_obs(self.raw_obs, self.obs_rms))).squeeze(-1)
+        batch = {"obs": obs_buf, "act": act_buf, "logp": logp_buf, "val": val_buf, "rew": rew_buf,
+                 "done": done_buf, "next_value": next_value, "next_done": self.next_done.clone()}
+        return batch, episodes
+
+
+def rollout_worker(conn, args, config, obs_rms, return_rms, start_step):
+    """--overlap: the process that collects rollouts on the second core. Receives a policy's weights (numpy,
+    so that nothing is shared with the learner while it trains), answers with (batch as numpy, episodes,
+    normaliser states); None ends it. A failure is sent back as its traceback."""
+    import traceback
+    try:
+        torch.set_num_threads(1)
+        reward_model = C.load_reward_model(args.run) if args.reward == "learned" else None  # checked by main()
+        torch.manual_seed(config["seed"] * 10_007 + start_step + 1)  # the actions' noise: its own stream here
+        net = C.build_actor_critic(config["obs_shape"][0], config["act_shape"][0], args.hidden)
+        rollouts = Rollouts(args, config, reward_model, obs_rms, return_rms, start_step)
+        while (weights := conn.recv()) is not None:
+            net.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+            batch, episodes = rollouts.collect(net)
+            conn.send(({k: v.numpy() for k, v in batch.items()}, episodes, obs_rms.state_dict(),
+                       return_rms.state_dict()))
+    except Exception:
+        conn.send(traceback.format_exc())
+
+
+def receive_rollout(conn, obs_rms, return_rms):
+    """The batch and episodes of the rollout the worker was asked for; the learner's normalisers take the
+    worker's state (for the checkpoint)."""
+    try:
+        message = conn.recv()
+    except EOFError:
+        raise RuntimeError("train_policy: the rollout worker process died") from None
+    if isinstance(message, str):
+        raise RuntimeError(f"train_policy: the rollout worker failed:\n{message}")
+    batch, episodes, obs_state, return_state = message
+    obs_rms.load_state_dict(obs_state)
+    return_rms.load_state_dict(return_state)
+    return {k: torch.from_numpy(v) for k, v in batch.items()}, episodes
+
+
+# -------------------------------------------------------------------------------------------- update
+
+def ppo_update(net, optimizer, parameters, batch, args):
+    """--update-epochs passes over one rollout's batch (from Rollouts.collect) in shuffled minibatches.
+    Returns the last minibatch's policy loss, value loss and approximate KL, and the mean clip fraction of
+    each epoch's last minibatch."""
+    advantages, returns = compute_gae(batch["rew"], batch["val"], batch["done"], batch["next_value"],
+                                      batch["next_done"], args.gamma, args.gae_lambda)
+    obs_dim, act_dim = batch["obs"].shape[-1], batch["act"].shape[-1]
+    # One (B, obs_dim + act_dim + 4) table, so that a minibatch is one gather instead of six.
+    table = torch.cat([batch["obs"].reshape(-1, obs_dim), batch["act"].reshape(-1, act_dim),
+                       torch.stack([batch["logp"], advantages, returns, batch["val"]], -1).reshape(-1, 4)], 1)
+    batch_size = table.shape[0]
+    minibatch_size = batch_size // args.num_minibatches
+    clip_fractions = []
+    for epoch in range(args.update_epochs):
+        order = torch.randperm(batch_size)
+        for start in range(0, batch_size - minibatch_size + 1, minibatch_size):
+            rows = table[order[start:start + minibatch_size]]
+            obs, act = rows[:, :obs_dim], rows[:, obs_dim:obs_dim + act_dim]
+            old_logp, adv, ret, old_val = rows[:, -4:].T.contiguous()  # contiguous: sums as before, bit for bit
+            mean = net.actor_mean(obs)
+            new_logp = gaussian_log_prob(mean, net.actor_logstd.expand_as(mean), act)
+            log_ratio = new_logp - old_logp
+            ratio = log_ratio.exp()
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            pg_loss = clipped_policy_loss(adv, ratio, args.clip_coef)
+            new_value = net.critic(obs).squeeze(-1)
+            v_clipped = old_val + torch.clamp(new_value - old_val, -args.clip_coef, args.clip_coef)
+            v_loss = 0.5 * torch.max((new_value - ret) ** 2, (v_clipped - ret) ** 2).mean()
+            loss = pg_loss + args.vf_coef * v_loss
+            if args.ent_coef:  # (skipped at 0: it costs as much as the step's arithmetic)
+                loss = loss - args.ent_coef * gaussian_entropy(net.actor_logstd).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            grads = [p.grad for p in parameters]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            torch._foreach_mul_(grads, torch.clamp(args.max_grad_norm / (norm + 1e-6), max=1.0))
+            optimizer.step()
+        with torch.no_grad():  # diagnostics of the epoch's last minibatch only: they cost as much as a step
+            approx_kl = ((ratio - 1) - log_ratio).mean().item()
+            clip_fractions.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+        if args.target_kl is not None and approx_kl > args.target_kl:
+            break
+    return pg_loss.item(), v_loss.item(), approx_kl, float(np.mean(clip_fractions))
+
+
+# ---------------------------------------------------------------------------------------------- main
 
 def plot_learning_curve(run_dir):
     """Redraw learning_curve.png from metrics.jsonl: true and learned episode returns against env steps."""
@@ -160,6 +323,9 @@ def save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args
 
 def main():
     args = parse_args()
+    if args.overlap and args.async_envs:
+        raise C.UserError("--overlap and --async-envs do not combine: the rollout process cannot start its own "
+                          "env processes")
     torch.set_num_threads(args.threads)
     config = C.open_run(args.run, args.env, args.seed, env_kwargs=args.env_kwargs)
     obs_dim, act_dim = config["obs_shape"][0], config["act_shape"][0]
@@ -200,21 +366,21 @@ def main():
         print(f"train_policy: policy already at step {global_step} >= --total-steps {args.total_steps}")
         return
 
-    envs = make_envs(args, config)
-    low, high = envs.single_action_space.low, envs.single_action_space.high
-    n, t_steps = args.num_envs, args.num_steps
-    batch_size = n * t_steps
-    minibatch_size = batch_size // args.num_minibatches
+    batch_size = args.num_envs * args.num_steps
     anneal_steps = args.anneal_steps or args.total_steps
-
-    obs_buf = torch.zeros((t_steps, n, obs_dim))
-    act_buf = torch.zeros((t_steps, n, act_dim))
-    logp_buf, rew_buf, done_buf, val_buf = (torch.zeros((t_steps, n)) for _ in range(4))
-
-    raw_obs, _ = envs.reset(seed=config["seed"] * 10_007 + global_step)
-    next_done = torch.zeros(n)
-    discounted = np.zeros(n)
-    episode_true, episode_learned, episode_len = np.zeros(n), np.zeros(n), np.zeros(n, np.int64)
+    if args.overlap:
+        # The rollout worker steps the envs on the second core while this process updates the policy, so each
+        # rollout is collected by the policy of one update before (as Cleanba's PPO does); PPO's ratio is taken
+        # against the policy that collected the data, which keeps the update correct.
+        import multiprocessing
+        conn, worker_end = multiprocessing.Pipe()
+        worker = multiprocessing.get_context("spawn").Process(
+            target=rollout_worker, daemon=True,
+            args=(worker_end, args, config, obs_rms, return_rms, global_step))
+        worker.start()
+        conn.send({k: v.numpy() for k, v in net.state_dict().items()})
+    else:
+        rollouts = Rollouts(args, config, reward_model, obs_rms, return_rms, global_step)
     started, start_step, update = time.time(), global_step, 0
     recent_true = []
 
@@ -222,86 +388,16 @@ def main():
         update += 1
         for group in optimizer.param_groups:
             group["lr"] = args.lr * max(0.0, 1.0 - global_step / anneal_steps)
-        episodes = []
-        for t in range(t_steps):
-            obs_rms.update(raw_obs)
-            obs = torch.as_tensor(C.normalize_obs(raw_obs, obs_rms))
-            with torch.no_grad():
-                mean = net.actor_mean(obs)
-                log_std = net.actor_logstd.expand_as(mean)
-                action = mean + log_std.exp() * torch.randn_like(mean)
-                logp = gaussian_log_prob(mean, log_std, action)
-                value = net.critic(obs).squeeze(-1)
-            env_action = np.clip(action.numpy(), low, high)
-            next_raw, true_reward, terminated, truncated, info = envs.step(env_action)
-            if reward_model is not None:
-                with torch.no_grad():
-                    learned = reward_model.normalized_reward(
-                        torch.as_tensor(C.reward_input(raw_obs, env_action, reward_model.inputs))).numpy()
-                reward = learned
-            else:
-                learned = np.full(n, np.nan)
-                reward = true_reward
-            done = np.logical_or(terminated, truncated)
-            scaled = scale_rewards(reward, discounted, return_rms, done.astype(np.float64), args.gamma)
-            # A time limit is not a real end: bootstrap from the value of the observation it cut off at.
-            cut = np.flatnonzero(truncated & ~terminated)
-            if len(cut):
-                final = np.stack([info["final_obs"][i] for i in cut])
-                with torch.no_grad():
-                    final_value = net.critic(torch.as_tensor(C.normalize_obs(final, obs_rms))).squeeze(-1)
-                scaled[cut] += args.gamma * final_value.numpy()
+        if args.overlap:
+            batch, episodes = receive_rollout(conn, obs_rms, return_rms)
+        else:
+            batch, episodes = rollouts.collect(net)
+        global_step += batch_size
+        if args.overlap and global_step < args.total_steps:
+            conn.send({k: v.numpy() for k, v in net.state_dict().items()})  # the next rollout, policy as it is
+        pg_loss, v_loss, approx_kl, clip_fraction = ppo_update(net, optimizer, parameters, batch, args)
 
-            obs_buf[t], act_buf[t], logp_buf[t], val_buf[t] = obs, action, logp, value
-            rew_buf[t] = torch.as_tensor(scaled, dtype=torch.float32)
-            done_buf[t] = next_done
-            next_done = torch.as_tensor(done, dtype=torch.float32)
-
-            episode_true += true_reward
-            episode_learned += learned
-            episode_len += 1
-            global_step += n
-            for i in np.flatnonzero(done):
-                episodes.append({"step": global_step, "true_return": float(episode_true[i]),
-                                 "learned_return": None if reward_model is None else float(episode_learned[i]),
-                                 "length": int(episode_len[i])})
-                recent_true.append(float(episode_true[i]))
-                episode_true[i] = episode_learned[i] = episode_len[i] = 0
-            raw_obs = next_raw
-
-        with torch.no_grad():
-            next_value = net.critic(torch.as_tensor(C.normalize_obs(raw_obs, obs_rms))).squeeze(-1)
-        advantages, returns = compute_gae(rew_buf, val_buf, done_buf, next_value, next_done,
-                                          args.gamma, args.gae_lambda)
-
-        b_obs, b_act = obs_buf.reshape(-1, obs_dim), act_buf.reshape(-1, act_dim)
-        b_logp, b_adv = logp_buf.reshape(-1), advantages.reshape(-1)
-        b_ret, b_val = returns.reshape(-1), val_buf.reshape(-1)
-        clip_fractions = []
-        for epoch in range(args.update_epochs):
-            order = torch.randperm(batch_size)
-            for start in range(0, batch_size, minibatch_size):
-                mb = order[start:start + minibatch_size]
-                new_logp, entropy = log_prob_and_entropy(net, b_obs[mb], b_act[mb])
-                log_ratio = new_logp - b_logp[mb]
-                ratio = log_ratio.exp()
-                with torch.no_grad():
-                    approx_kl = ((ratio - 1) - log_ratio).mean()
-                    clip_fractions.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
-                adv = b_adv[mb]
-                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                pg_loss = clipped_policy_loss(adv, ratio, args.clip_coef)
-                new_value = net.critic(b_obs[mb]).squeeze(-1)
-                v_clipped = b_val[mb] + torch.clamp(new_value - b_val[mb], -args.clip_coef, args.clip_coef)
-                v_loss = 0.5 * torch.max((new_value - b_ret[mb]) ** 2, (v_clipped - b_ret[mb]) ** 2).mean()
-                loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-                optimizer.step()
-            if args.target_kl is not None and approx_kl > args.target_kl:
-                break
-
+        recent_true += [e["true_return"] for e in episodes]
         sps = (global_step - start_step) / (time.time() - started)
         if episodes:
             C.append_jsonl(os.path.join(args.run, C.METRICS),
@@ -312,15 +408,21 @@ def main():
         if update % 10 == 0 or global_step >= args.total_steps:
             mean_true = np.mean(recent_true[-20:]) if recent_true else float("nan")
             print(f"train_policy: step {global_step}/{args.total_steps}, true return (last 20 episodes) "
-                  f"{mean_true:.1f}, policy loss {pg_loss.item():.3f}, value loss {v_loss.item():.3f}, "
-                  f"kl {approx_kl.item():.4f}, clip {np.mean(clip_fractions):.3f}, {sps:.0f} steps/s", flush=True)
+                  f"{mean_true:.1f}, policy loss {pg_loss:.3f}, value loss {v_loss:.3f}, "
+                  f"kl {approx_kl:.4f}, clip {clip_fraction:.3f}, {sps:.0f} steps/s", flush=True)
 
-    envs.close()
+    if args.overlap:
+        conn.send(None)
+        worker.join()
+    else:
+        rollouts.envs.close()
     save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args)
     C.log_metrics(args.run, "train_policy_summary", step=global_step, reward=args.reward,
                   steps_per_second=round((global_step - start_step) / (time.time() - started), 1),
                   true_return_last20=float(np.mean(recent_true[-20:])) if recent_true else None,
-                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  **({"worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                                                  1)} if args.overlap else {}))
     if not args.no_plot:
         plot_learning_curve(args.run)
 

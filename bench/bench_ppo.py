@@ -7,8 +7,11 @@ ensemble (3 members, 2x64) evaluated for all envs of a step in one batched forwa
     python bench/bench_ppo.py --steps 200000
 
 Each configuration runs in its own process, one torch thread (the fairest setting for both on 2 cores);
-reported: env steps per second of wall-clock time and per CPU second (the fair figure when other jobs share
-the cores) over the whole run, rollouts and updates, and the process's peak resident memory. Writes a markdown table to bench/out/ppo.md.
+ours also runs with --overlap, which collects the next rollout in a second process, on the second core, while
+the first updates. Reported: env steps per second of wall-clock time (the figure that counts on a machine
+left to the benchmark) and per CPU second (the fair figure when other jobs share the cores) over the whole
+run, rollouts and updates, and the peak resident memory of the largest process. Writes a markdown table to
+bench/out/ppo.md.
 """
 import argparse
 import os
@@ -90,32 +93,37 @@ def main():
                         ["label.py", "teach", "--run", base], ["train_reward.py", "--run", base, "--steps", "100"]):
             run_measured([py] + command)  # (wall, CPU, RSS, output) unused here
         rows = []
-        for impl in ("ours", "sb3"):
+        for impl in ("ours", "overlap", "sb3"):
             for reward in ("true", "learned"):
                 run = os.path.join(tmp, f"{impl}-{reward}")
                 subprocess.run(["cp", "-r", base, run], check=True)
-                if impl == "ours":
+                if impl in ("ours", "overlap"):
                     command = [py, "train_policy.py", "--run", run, "--reward", reward, "--total-steps",
                                str(args.steps), "--num-envs", "8", "--num-steps", "256", "--no-plot"]
+                    command += ["--overlap"] if impl == "overlap" else []
                 else:
                     script = SB3_SCRIPT.replace("ROOT", repr(ROOT)).replace("RUN", repr(run)) \
                         .replace("REWARD", repr(reward)).replace("STEPS", str(args.steps))
                     command = [py, "-c", script]
                 seconds, cpu, rss, out = run_measured(command)
                 rows.append((impl, reward, args.steps / seconds, args.steps / cpu, rss))
-                print(f"{impl:4s} {reward:7s} reward: {args.steps / seconds:7.0f} steps/s wall, "
+                print(f"{impl:7s} {reward:7s} reward: {args.steps / seconds:7.0f} steps/s wall, "
                       f"{args.steps / cpu:7.0f} steps per CPU second, peak RSS {rss:6.0f} MiB", flush=True)
-    by = {(i, r): c for i, r, _, c, _ in rows}
+    wall = {(i, r): w for i, r, w, _, _ in rows}
+    cpu = {(i, r): c for i, r, _, c, _ in rows}
+    names = {"ours": "ours (train_policy.py)", "overlap": "ours, --overlap (2 processes)",
+             "sb3": "Stable-Baselines3 2.9.2"}
     lines = [f"{args.env}, {args.steps:,} steps per configuration, 8 envs, 1 torch thread, whole process "
              f"(start-up, rollouts and updates).", "",
              "| implementation | reward | steps/s (wall) | steps per CPU second | peak RSS (MiB) |",
              "|---|---|---|---|---|"]
-    lines += [f"| {'ours (train_policy.py)' if i == 'ours' else 'Stable-Baselines3 2.9.2'} | {r} | {w:.0f} | "
-              f"{c:.0f} | {m:.0f} |" for i, r, w, c, m in rows]
-    lines += ["", f"Speed-up over SB3 (per CPU second): {by['ours', 'true'] / by['sb3', 'true']:.2f}x with the "
-              f"true reward, {by['ours', 'learned'] / by['sb3', 'learned']:.2f}x with the learned reward.",
-              f"Cost of the learned reward in our PPO: "
-              f"{100 * (by['ours', 'true'] / by['ours', 'learned'] - 1):.1f}% more CPU time per step."]
+    lines += [f"| {names[i]} | {r} | {w:.0f} | {c:.0f} | {m:.0f} |" for i, r, w, c, m in rows]
+    lines += [""] + [f"Speed-up of {names[i]} over SB3, wall-clock: {wall[i, 'true'] / wall['sb3', 'true']:.2f}x "
+                     f"with the true reward, {wall[i, 'learned'] / wall['sb3', 'learned']:.2f}x with the learned "
+                     f"reward; per CPU second: {cpu[i, 'true'] / cpu['sb3', 'true']:.2f}x and "
+                     f"{cpu[i, 'learned'] / cpu['sb3', 'learned']:.2f}x." for i in ("ours", "overlap")]
+    lines += [f"Cost of the learned reward in our PPO: "
+              f"{100 * (cpu['ours', 'true'] / cpu['ours', 'learned'] - 1):.1f}% more CPU time per step."]
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "ppo.md"), "w") as f:
         f.write(table)

@@ -354,3 +354,8 @@ def test_env_kwargs_that_are_not_a_json_object(tmp_path, text):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "argument --env-kwargs" in result.stderr and "is not a JSON object" in result.stderr
     assert not os.path.exists(run)
+
+
+def test_overlap_with_async_envs(run):
+    refused(run, "train_policy", "--reward", "true", "--overlap", "--async-envs",
+            says="--overlap and --async-envs do not combine")

@@ -1,4 +1,6 @@
 """Issue 5: PPO pieces against hand-computed values, and checkpoints that resume."""
+import math
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -55,12 +57,8 @@ def test_gaussian_log_prob_and_entropy_match_torch_distributions():
     dist = torch.distributions.Normal(mean, log_std.exp())
     np.testing.assert_allclose(train_policy.gaussian_log_prob(mean, log_std, action).numpy(),
                                dist.log_prob(action).sum(-1).numpy(), rtol=1e-5)
-    net = C.build_actor_critic(4, 3)
-    obs = torch.randn(5, 4)
-    logp, entropy = train_policy.log_prob_and_entropy(net, obs, action)
-    dist = torch.distributions.Normal(net.actor_mean(obs), net.actor_logstd.expand(5, 3).exp())
-    np.testing.assert_allclose(logp.detach().numpy(), dist.log_prob(action).sum(-1).detach().numpy(), rtol=1e-5)
-    np.testing.assert_allclose(entropy.detach().numpy(), dist.entropy().sum(-1).detach().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(train_policy.gaussian_entropy(log_std).numpy(), dist.entropy().sum(-1).numpy(),
+                               rtol=1e-5)
 
 
 def test_running_mean_std_equals_batch_statistics():
@@ -168,3 +166,63 @@ def test_a_seed_fixes_the_whole_run(tmp_path):
     for key in weights["a"]:
         assert torch.equal(weights["a"][key], weights["b"][key]), key
     assert not torch.equal(weights["a"]["actor_mean.0.weight"], weights["c"]["actor_mean.0.weight"])
+
+
+def test_overlap_is_seeded_counts_steps_and_resumes(tmp_path):
+    """--overlap collects each rollout in a worker process with the policy of one update before. A seed still
+    fixes the run (the worker draws its own seeded noise), and it counts, checkpoints and resumes like a plain
+    run: the checkpoint carries the worker's normalisers."""
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    common = ["--reward", "true", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "4",
+              "--update-epochs", "2", "--no-plot", "--overlap"]
+    ckpts = {}
+    for name in ("a", "b"):
+        run = str(tmp_path / name)
+        result = subprocess.run([sys.executable, "train_policy.py", "--run", run, "--env", "InvertedPendulum-v5",
+                                 "--total-steps", "512", *common], cwd=ROOT, capture_output=True, text=True,
+                                env=env, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        ckpts[name] = C.load_torch(os.path.join(run, C.POLICY), "policy")
+    assert ckpts["a"]["global_step"] == 512
+    for key in ckpts["a"]["model"]:
+        assert torch.equal(ckpts["a"]["model"][key], ckpts["b"]["model"][key]), key
+    # The worker's observation statistics: 4 rollouts of 128 steps, and not one more that ran unused.
+    assert ckpts["a"]["obs_rms"]["count"] == pytest.approx(512, abs=1)
+    assert ckpts["a"]["return_rms"]["count"] == pytest.approx(512, abs=1)
+
+    run = str(tmp_path / "a")
+    more = subprocess.run([sys.executable, "train_policy.py", "--run", run, "--total-steps", "1024", *common],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert more.returncode == 0, more.stderr[-2000:]
+    resumed = C.load_torch(os.path.join(run, C.POLICY), "policy")
+    assert resumed["global_step"] == 1024
+    assert resumed["obs_rms"]["count"] == pytest.approx(1024, abs=1)
+    assert not torch.equal(resumed["model"]["actor_mean.0.weight"], ckpts["a"]["model"]["actor_mean.0.weight"])
+
+
+def test_overlap_trains_on_the_learned_reward(tmp_path):
+    """The rollout worker loads the run's reward model itself and reports each episode's learned return."""
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    run = str(tmp_path / "learned")
+    for stage in (["collect.py", "--run", run, "--env", "InvertedPendulum-v5", "--segment-seconds", "0.1",
+                   "--pairs", "20", "--no-clips"],
+                  ["label.py", "teach", "--run", run], ["train_reward.py", "--run", run, "--steps", "20"],
+                  ["train_policy.py", "--run", run, "--total-steps", "1024", "--num-envs", "2", "--num-steps",
+                   "64", "--update-epochs", "1", "--no-plot", "--overlap"]):
+        result = subprocess.run([sys.executable, *stage], cwd=ROOT, capture_output=True, text=True, env=env,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+    episodes = [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "train_policy"]
+    assert episodes and all(m["reward"] == "learned" and math.isfinite(m["learned_return"]) for m in episodes)
+    assert C.load_torch(os.path.join(run, C.POLICY), "policy")["global_step"] == 1024
+
+
+def test_a_failing_rollout_worker_is_reported_not_waited_for():
+    learner, worker = multiprocessing.Pipe()
+    rms = C.RunningMeanStd((3,)), C.RunningMeanStd(())
+    worker.send("Traceback (most recent call last):\nValueError: the env broke")
+    with pytest.raises(RuntimeError, match="(?s)rollout worker failed.*the env broke"):
+        train_policy.receive_rollout(learner, *rms)
+    worker.close()
+    with pytest.raises(RuntimeError, match="rollout worker process died"):
+        train_policy.receive_rollout(learner, *rms)

@@ -1,0 +1,82 @@
+"""Which behaviour does a reward model prefer? Rolls out the final policies of several runs of one env and
+scores every episode twice: with the env's true reward and with one run's learned reward model (the
+normalised reward the agent was trained on). If the model rates another policy, say PPO's on the true
+reward, far above the agent trained on that very model, the reward model is not what holds the agent back:
+the policy optimisation is.
+
+    python bench/score_policies.py --reward-model bench/out/paper-500k-obs+act/HalfCheetah-v5-1400labels-s0 \
+        --policies bench/out/paper-500k-obs+act/HalfCheetah-v5-1400labels-s0 \
+                   bench/out/paper-500k-obs+act/HalfCheetah-v5-true-s0
+
+Prints a markdown table: for each policy the mean and standard deviation over --episodes whole episodes of
+the true and the learned return. Actions are sampled from the policy, as in training and in
+collect.py --evaluate. Reads only; writes nothing.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import contract as C  # noqa: E402
+
+
+def episode_returns(env, policy, reward_model, seed):
+    """One whole episode: (true return, learned return)."""
+    import torch
+    obs, _ = env.reset(seed=seed)
+    observations, actions, true_return, done = [], [], 0.0, False
+    while not done:
+        action = policy.act(obs[None])[0]
+        observations.append(obs)
+        actions.append(action)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        true_return += float(reward)
+        done = terminated or truncated
+    x = torch.as_tensor(C.reward_input(np.array(observations), np.array(actions), reward_model.inputs))
+    with torch.no_grad():
+        learned_return = float(reward_model.normalized_reward(x.float()).sum())
+    return true_return, learned_return
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--reward-model", required=True, help="run directory whose reward_model.pt scores the episodes")
+    p.add_argument("--policies", nargs="+", required=True, help="run directories whose policy.pt to roll out")
+    p.add_argument("--episodes", type=int, default=5, help="episodes per policy")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first episode's reset")
+    args = p.parse_args()
+    import torch
+    torch.set_num_threads(1)
+
+    config = C.read_config(args.reward_model)
+    reward_model = C.load_reward_model(args.reward_model)
+    if reward_model is None:
+        raise C.UserError(f"{args.reward_model} has no {C.REWARD_MODEL}")
+    env = C.make_env(config["env_id"], config["env_kwargs"])
+    obs_dim, act_dim = config["obs_shape"][0], config["act_shape"][0]
+    lines = [f"{config['env_id']}, reward model of {args.reward_model} ({reward_model.inputs}), "
+             f"{args.episodes} episodes per policy.", "",
+             "| policy of | policy step | true return | learned return |", "|---|---|---|---|"]
+    for run in args.policies:
+        other = C.read_config(run)
+        if (other["env_id"], other["env_kwargs"]) != (config["env_id"], config["env_kwargs"]):
+            raise C.UserError(f"{run} is a run of {other['env_id']} {other['env_kwargs']}, not of "
+                              f"{config['env_id']} {config['env_kwargs']}")
+        checkpoint = C.load_torch(os.path.join(run, C.POLICY), "policy checkpoint")
+        policy = C.PolicyForRollout(checkpoint, obs_dim, act_dim, env.action_space.low, env.action_space.high,
+                                    seed=args.seed)
+        scores = np.array([episode_returns(env, policy, reward_model, args.seed + i) for i in range(args.episodes)])
+        lines.append(f"| {run} | {checkpoint['global_step']} | {scores[:, 0].mean():.0f} +- {scores[:, 0].std():.0f} "
+                     f"| {scores[:, 1].mean():.0f} +- {scores[:, 1].std():.0f} |")
+        print(f"score_policies: {run}: true {scores[:, 0].mean():.1f}, learned {scores[:, 1].mean():.1f}",
+              file=sys.stderr, flush=True)
+    env.close()
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    C.run_main(main)

@@ -134,8 +134,8 @@ class Rollouts:
     def collect(self, net):
         """Run net's policy for T = --num-steps steps of all N envs. Returns (batch, episodes). batch: tensors
         obs (T, N, obs_dim) normalised as the policy saw them, act (T, N, act_dim) as sampled (before clipping
-        to the action bounds), logp, val, rew (scaled) and done (1 where an episode had ended before that
-        step), each (T, N); next_value and next_done (N,) for the state after the last step. episodes: one
+        to the action bounds), logp, val, rew (scaled, plus gamma * V(final observation) where a time limit
+        cut the episode) and done (1 where an episode had ended before that step), each (T, N); next_value and next_done (N,) for the state after the last step. episodes: one
         dict per episode that ended, with its true and learned return."""
         args, n, reward_model = self.args, self.args.num_envs, self.reward_model
         obs_buf = torch.zeros((args.num_steps, n, self.raw_obs.shape[1]))
@@ -192,6 +192,9 @@ class Rollouts:
                  "done": done_buf, "next_value": next_value, "next_done": self.next_done.clone()}
         return batch, episodes
 
+    def close(self):
+        self.envs.close()
+
 
 def rollout_worker(conn, args, config, obs_rms, return_rms, start_step):
     """--overlap: the process that collects rollouts on the second core. Receives a policy's weights (numpy,
@@ -200,7 +203,8 @@ def rollout_worker(conn, args, config, obs_rms, return_rms, start_step):
     import traceback
     try:
         torch.set_num_threads(1)
-        reward_model = C.load_reward_model(args.run) if args.reward == "learned" else None  # checked by main()
+        # Loaded again here (it cannot be pickled); main() has checked that it fits the env.
+        reward_model = C.load_reward_model(args.run) if args.reward == "learned" else None
         torch.manual_seed(config["seed"] * 10_007 + start_step + 1)  # the actions' noise: its own stream here
         net = C.build_actor_critic(config["obs_shape"][0], config["act_shape"][0], args.hidden)
         rollouts = Rollouts(args, config, reward_model, obs_rms, return_rms, start_step)
@@ -209,23 +213,57 @@ def rollout_worker(conn, args, config, obs_rms, return_rms, start_step):
             batch, episodes = rollouts.collect(net)
             conn.send(({k: v.numpy() for k, v in batch.items()}, episodes, obs_rms.state_dict(),
                        return_rms.state_dict()))
+        rollouts.close()
+    except KeyboardInterrupt:  # Ctrl-C reaches both processes; the learner reports it
+        pass
     except Exception:
         conn.send(traceback.format_exc())
 
 
-def receive_rollout(conn, obs_rms, return_rms):
-    """The batch and episodes of the rollout the worker was asked for; the learner's normalisers take the
-    worker's state (for the checkpoint)."""
-    try:
-        message = conn.recv()
-    except EOFError:
-        raise RuntimeError("train_policy: the rollout worker process died") from None
-    if isinstance(message, str):
-        raise RuntimeError(f"train_policy: the rollout worker failed:\n{message}")
-    batch, episodes, obs_state, return_state = message
-    obs_rms.load_state_dict(obs_state)
-    return_rms.load_state_dict(return_state)
-    return {k: torch.from_numpy(v) for k, v in batch.items()}, episodes
+class OverlappedRollouts:
+    """--overlap: the same collect(net) as Rollouts, but a worker process steps the envs on the second core
+    while this one updates the policy. collect() hands over the rollout collected meanwhile and at once asks
+    for the next one with the policy as it is now, before the update; so each rollout comes from the policy
+    one update old (as in Cleanba's PPO). The update's ratio is taken against the policy that collected the
+    data, so the clipping bounds the step from there; the values and the bootstrap come from the critic of
+    that policy too. An approximation of PPO, close enough to reach the same returns (BENCHMARKS.md)."""
+
+    def __init__(self, args, config, net, obs_rms, return_rms, start_step):
+        import multiprocessing
+        self.args, self.obs_rms, self.return_rms, self.step = args, obs_rms, return_rms, start_step
+        self.conn, worker_end = multiprocessing.Pipe()
+        self.worker = multiprocessing.get_context("spawn").Process(
+            target=rollout_worker, daemon=True, args=(worker_end, args, config, obs_rms, return_rms, start_step))
+        self.worker.start()
+        worker_end.close()  # the worker's end lives in the worker alone, so its death reads as end of file here
+        self.request(net)
+
+    def request(self, net):
+        try:
+            self.conn.send({k: v.numpy() for k, v in net.state_dict().items()})
+        except (BrokenPipeError, ConnectionResetError):
+            raise RuntimeError("train_policy: the rollout worker process died") from None
+
+    def collect(self, net):
+        """(batch, episodes) as Rollouts.collect returns them; this process's normalisers take the worker's
+        state, for the checkpoint."""
+        try:
+            message = self.conn.recv()
+        except (EOFError, ConnectionResetError):
+            raise RuntimeError("train_policy: the rollout worker process died") from None
+        if isinstance(message, str):
+            raise RuntimeError(f"train_policy: the rollout worker failed:\n{message}")
+        batch, episodes, obs_state, return_state = message
+        self.obs_rms.load_state_dict(obs_state)
+        self.return_rms.load_state_dict(return_state)
+        self.step += self.args.num_envs * self.args.num_steps
+        if self.step < self.args.total_steps:
+            self.request(net)
+        return {k: torch.from_numpy(v) for k, v in batch.items()}, episodes
+
+    def close(self):
+        self.conn.send(None)
+        self.worker.join(timeout=60)
 
 
 # -------------------------------------------------------------------------------------------- update
@@ -245,10 +283,12 @@ def ppo_update(net, optimizer, parameters, batch, args):
     clip_fractions = []
     for epoch in range(args.update_epochs):
         order = torch.randperm(batch_size)
-        for start in range(0, batch_size - minibatch_size + 1, minibatch_size):
+        for start in range(0, batch_size, minibatch_size):
             rows = table[order[start:start + minibatch_size]]
             obs, act = rows[:, :obs_dim], rows[:, obs_dim:obs_dim + act_dim]
-            old_logp, adv, ret, old_val = rows[:, -4:].T.contiguous()  # contiguous: sums as before, bit for bit
+            # contiguous: mean() and std() of a strided column add up in another order, and the run would
+            # differ in the last bits from one that gathers each array separately
+            old_logp, adv, ret, old_val = rows[:, -4:].T.contiguous()
             mean = net.actor_mean(obs)
             new_logp = gaussian_log_prob(mean, net.actor_logstd.expand_as(mean), act)
             log_ratio = new_logp - old_logp
@@ -259,10 +299,11 @@ def ppo_update(net, optimizer, parameters, batch, args):
             v_clipped = old_val + torch.clamp(new_value - old_val, -args.clip_coef, args.clip_coef)
             v_loss = 0.5 * torch.max((new_value - ret) ** 2, (v_clipped - ret) ** 2).mean()
             loss = pg_loss + args.vf_coef * v_loss
-            if args.ent_coef:  # (skipped at 0: it costs as much as the step's arithmetic)
+            if args.ent_coef:  # skipped at 0, the default: on these tiny batches every op costs
                 loss = loss - args.ent_coef * gaussian_entropy(net.actor_logstd).mean()
             optimizer.zero_grad()
             loss.backward()
+            # torch.nn.utils.clip_grad_norm_ written out: two foreach calls instead of a norm per parameter
             grads = [p.grad for p in parameters]
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             torch._foreach_mul_(grads, torch.clamp(args.max_grad_norm / (norm + 1e-6), max=1.0))
@@ -330,7 +371,7 @@ def main():
     config = C.open_run(args.run, args.env, args.seed, env_kwargs=args.env_kwargs)
     obs_dim, act_dim = config["obs_shape"][0], config["act_shape"][0]
     reward_model = None
-    if args.reward == "learned":
+    if args.reward == "learned":  # (with --overlap, loaded here to check it; the worker loads its own)
         reward_model = C.load_reward_model(args.run)
         if reward_model is None:
             raise C.UserError(f"{args.run} has no {C.REWARD_MODEL} yet; run train_reward.py first, or train "
@@ -369,16 +410,7 @@ def main():
     batch_size = args.num_envs * args.num_steps
     anneal_steps = args.anneal_steps or args.total_steps
     if args.overlap:
-        # The rollout worker steps the envs on the second core while this process updates the policy, so each
-        # rollout is collected by the policy of one update before (as Cleanba's PPO does); PPO's ratio is taken
-        # against the policy that collected the data, which keeps the update correct.
-        import multiprocessing
-        conn, worker_end = multiprocessing.Pipe()
-        worker = multiprocessing.get_context("spawn").Process(
-            target=rollout_worker, daemon=True,
-            args=(worker_end, args, config, obs_rms, return_rms, global_step))
-        worker.start()
-        conn.send({k: v.numpy() for k, v in net.state_dict().items()})
+        rollouts = OverlappedRollouts(args, config, net, obs_rms, return_rms, global_step)
     else:
         rollouts = Rollouts(args, config, reward_model, obs_rms, return_rms, global_step)
     started, start_step, update = time.time(), global_step, 0
@@ -388,13 +420,8 @@ def main():
         update += 1
         for group in optimizer.param_groups:
             group["lr"] = args.lr * max(0.0, 1.0 - global_step / anneal_steps)
-        if args.overlap:
-            batch, episodes = receive_rollout(conn, obs_rms, return_rms)
-        else:
-            batch, episodes = rollouts.collect(net)
+        batch, episodes = rollouts.collect(net)
         global_step += batch_size
-        if args.overlap and global_step < args.total_steps:
-            conn.send({k: v.numpy() for k, v in net.state_dict().items()})  # the next rollout, policy as it is
         pg_loss, v_loss, approx_kl, clip_fraction = ppo_update(net, optimizer, parameters, batch, args)
 
         recent_true += [e["true_return"] for e in episodes]
@@ -411,11 +438,7 @@ def main():
                   f"{mean_true:.1f}, policy loss {pg_loss:.3f}, value loss {v_loss:.3f}, "
                   f"kl {approx_kl:.4f}, clip {clip_fraction:.3f}, {sps:.0f} steps/s", flush=True)
 
-    if args.overlap:
-        conn.send(None)
-        worker.join()
-    else:
-        rollouts.envs.close()
+    rollouts.close()
     save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args)
     C.log_metrics(args.run, "train_policy_summary", step=global_step, reward=args.reward,
                   steps_per_second=round((global_step - start_step) / (time.time() - started), 1),

@@ -217,12 +217,24 @@ def test_overlap_trains_on_the_learned_reward(tmp_path):
     assert C.load_torch(os.path.join(run, C.POLICY), "policy")["global_step"] == 1024
 
 
-def test_a_failing_rollout_worker_is_reported_not_waited_for():
+def test_a_failing_rollout_worker_is_reported_not_waited_for(tmp_path, monkeypatch):
+    """A worker that fails sends its traceback; one that dies outright closes its end of the pipe. Either way
+    the learner raises instead of waiting for a rollout that will never come."""
+    config = C.open_run(str(tmp_path / "run"), "InvertedPendulum-v5")
+    args = train_policy.parse_args(["--run", str(tmp_path / "run"), "--reward", "true", "--num-envs", "1",
+                                    "--num-steps", "4", "--overlap"])
+    net = C.build_actor_critic(4, 1)
+    rollouts = train_policy.OverlappedRollouts(args, config, net, C.RunningMeanStd((4,)), C.RunningMeanStd(()), 0)
+    batch, episodes = rollouts.collect(net)  # a working worker first
+    assert batch["obs"].shape == (4, 1, 4) and rollouts.step == 4
+    rollouts.worker.kill()
+    rollouts.worker.join()
+    with pytest.raises(RuntimeError, match="rollout worker process died"):
+        for _ in range(2):  # the first may still hand over a rollout the worker sent before it died
+            rollouts.collect(net)
+
     learner, worker = multiprocessing.Pipe()
-    rms = C.RunningMeanStd((3,)), C.RunningMeanStd(())
+    rollouts.conn = learner
     worker.send("Traceback (most recent call last):\nValueError: the env broke")
     with pytest.raises(RuntimeError, match="(?s)rollout worker failed.*the env broke"):
-        train_policy.receive_rollout(learner, *rms)
-    worker.close()
-    with pytest.raises(RuntimeError, match="rollout worker process died"):
-        train_policy.receive_rollout(learner, *rms)
+        rollouts.collect(net)

@@ -26,7 +26,9 @@ REWARD_INPUTS=${REWARD_INPUTS:-}          # what the reward model sees: obs | ob
 REWARD_STEPS=${REWARD_STEPS:-}            # reward model gradient steps per round (default: train_reward.py's,
                                           # which grow with the number of labels)
 NUM_ENVS=${NUM_ENVS:-8}
-POLICY_FLAGS=${POLICY_FLAGS:-}            # more train_policy.py flags, e.g. "--ent-coef 0.01"
+ENT_COEF=${ENT_COEF:-0.01}                # the policy's entropy bonus: the paper's 0.01 keeps it exploring while
+                                          # the reward model under it changes (0: PPO's usual none)
+POLICY_FLAGS=${POLICY_FLAGS:-}            # more train_policy.py flags, e.g. "--overlap"
 EVAL_EPISODES=${EVAL_EPISODES:-5}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 export MUJOCO_GL=${MUJOCO_GL:-egl}
@@ -62,7 +64,7 @@ while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
   round=$(( round + 1 ))
   target=$(( round * STEPS_PER_ROUND < TOTAL_STEPS ? round * STEPS_PER_ROUND : TOTAL_STEPS ))
   run "$PYTHON" train_policy.py --run "$RUN" --total-steps "$target" --anneal-steps "$TOTAL_STEPS" \
-      --num-envs "$NUM_ENVS" $POLICY_FLAGS
+      --num-envs "$NUM_ENVS" --ent-coef "$ENT_COEF" $POLICY_FLAGS
 done
 
 run "$PYTHON" collect.py --run "$RUN" --evaluate "$EVAL_EPISODES" $( [ "$CLIPS" = 0 ] && echo --no-clips )

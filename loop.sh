@@ -25,6 +25,7 @@ REWARD_INPUTS=${REWARD_INPUTS:-}          # what the reward model sees: obs | ob
                                           # default: train_reward.py's
 REWARD_STEPS=${REWARD_STEPS:-}            # reward model gradient steps per round (default: train_reward.py's,
                                           # which grow with the number of labels)
+REWARD_FLAGS=${REWARD_FLAGS:-}            # more train_reward.py flags, e.g. "--members 5"
 NUM_ENVS=${NUM_ENVS:-8}
 ENT_COEF=${ENT_COEF:-0.01}                # the policy's entropy bonus: the paper's 0.01 keeps it exploring while
                                           # the reward model under it changes (0: PPO's usual none)
@@ -60,7 +61,8 @@ while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
     oracle) run "$PYTHON" label.py teach --run "$RUN" ;;
     *) run "$PYTHON" label.py teach --run "$RUN" $TEACHER_FLAGS ;;
   esac
-  run "$PYTHON" train_reward.py --run "$RUN" ${REWARD_INPUTS:+--inputs "$REWARD_INPUTS"} ${REWARD_STEPS:+--steps "$REWARD_STEPS"}
+  run "$PYTHON" train_reward.py --run "$RUN" ${REWARD_INPUTS:+--inputs "$REWARD_INPUTS"} ${REWARD_STEPS:+--steps "$REWARD_STEPS"} \
+      $REWARD_FLAGS
   round=$(( round + 1 ))
   target=$(( round * STEPS_PER_ROUND < TOTAL_STEPS ? round * STEPS_PER_ROUND : TOTAL_STEPS ))
   run "$PYTHON" train_policy.py --run "$RUN" --total-steps "$target" --anneal-steps "$TOTAL_STEPS" \

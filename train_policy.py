@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--reward", choices=["learned", "true"], default="learned", help="reward to maximise")
     p.add_argument("--total-steps", type=int, default=300_000, help="train until the policy has this many steps")
     p.add_argument("--anneal-steps", type=int, default=None,
-                   help="learning rate decays linearly to 0 at this step (default: --total-steps)")
+                   help="learning rate decays linearly to 0 at this step (default: --total-steps); 0 keeps it "
+                        "constant, for a reward that keeps changing")
     p.add_argument("--num-envs", type=int, default=8, help="environments stepped together")
     p.add_argument("--async-envs", action="store_true", help="step environments in worker processes")
     p.add_argument("--overlap", action="store_true",
@@ -76,6 +77,12 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, lam):
         last = delta + gamma * lam * not_done * last
         advantages[t] = last
     return advantages, advantages + values
+
+
+def learning_rate(step, lr, anneal_steps):
+    """Adam's learning rate at policy step `step`: lr decaying linearly to 0 at anneal_steps, or lr throughout
+    when anneal_steps is 0."""
+    return lr * max(0.0, 1.0 - step / anneal_steps) if anneal_steps else lr
 
 
 def clipped_policy_loss(advantages, ratio, clip_coef):
@@ -364,6 +371,8 @@ def save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args
 
 def main():
     args = parse_args()
+    if args.anneal_steps is not None and args.anneal_steps < 0:
+        raise C.UserError(f"--anneal-steps must be 0 (constant learning rate) or positive, not {args.anneal_steps}")
     if args.overlap and args.async_envs:
         raise C.UserError("--overlap and --async-envs do not combine: the rollout process cannot start its own "
                           "env processes")
@@ -408,7 +417,7 @@ def main():
         return
 
     batch_size = args.num_envs * args.num_steps
-    anneal_steps = args.anneal_steps or args.total_steps
+    anneal_steps = args.total_steps if args.anneal_steps is None else args.anneal_steps
     if args.overlap:
         rollouts = OverlappedRollouts(args, config, net, obs_rms, return_rms, global_step)
     else:
@@ -419,7 +428,7 @@ def main():
     while global_step < args.total_steps:
         update += 1
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * max(0.0, 1.0 - global_step / anneal_steps)
+            group["lr"] = learning_rate(global_step, args.lr, anneal_steps)
         batch, episodes = rollouts.collect(net)
         global_step += batch_size
         pg_loss, v_loss, approx_kl, clip_fraction = ppo_update(net, optimizer, parameters, batch, args)

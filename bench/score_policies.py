@@ -10,7 +10,7 @@ the policy optimisation is.
 
 Prints a markdown table: for each policy the mean and standard deviation over --episodes whole episodes of
 the true and the learned return. Actions are sampled from the policy, as in training and in
-collect.py --evaluate. Reads only; writes nothing.
+collect.py --evaluate, or with --deterministic are the policy's mean action. Reads only; writes nothing.
 """
 import argparse
 import os
@@ -23,13 +23,13 @@ sys.path.insert(0, ROOT)
 import contract as C  # noqa: E402
 
 
-def episode_returns(env, policy, reward_model, seed):
+def episode_returns(env, policy, reward_model, seed, deterministic=False):
     """One whole episode: (true return, learned return)."""
     import torch
     obs, _ = env.reset(seed=seed)
     observations, actions, true_return, done = [], [], 0.0, False
     while not done:
-        action = policy.act(obs[None])[0]
+        action = policy.act(obs[None], deterministic=deterministic)[0]
         observations.append(obs)
         actions.append(action)
         obs, reward, terminated, truncated, _ = env.step(action)
@@ -48,6 +48,8 @@ def main():
     p.add_argument("--policies", nargs="+", required=True, help="run directories whose policy.pt to roll out")
     p.add_argument("--episodes", type=int, default=5, help="episodes per policy")
     p.add_argument("--seed", type=int, default=0, help="seed of the first episode's reset")
+    p.add_argument("--deterministic", action="store_true",
+                   help="act with the policy's mean action instead of sampling (how much does its noise cost?)")
     args = p.parse_args()
     import torch
     torch.set_num_threads(1)
@@ -59,7 +61,7 @@ def main():
     env = C.make_env(config["env_id"], config["env_kwargs"])
     obs_dim, act_dim = config["obs_shape"][0], config["act_shape"][0]
     lines = [f"{config['env_id']}, reward model of {args.reward_model} ({reward_model.inputs}), "
-             f"{args.episodes} episodes per policy.", "",
+             f"{args.episodes} episodes per policy, {'mean' if args.deterministic else 'sampled'} actions.", "",
              "| policy of | policy step | true return | learned return |", "|---|---|---|---|"]
     for run in args.policies:
         other = C.read_config(run)
@@ -69,7 +71,8 @@ def main():
         checkpoint = C.load_torch(os.path.join(run, C.POLICY), "policy checkpoint")
         policy = C.PolicyForRollout(checkpoint, obs_dim, act_dim, env.action_space.low, env.action_space.high,
                                     seed=args.seed)
-        scores = np.array([episode_returns(env, policy, reward_model, args.seed + i) for i in range(args.episodes)])
+        scores = np.array([episode_returns(env, policy, reward_model, args.seed + i, args.deterministic)
+                           for i in range(args.episodes)])
         lines.append(f"| {run} | {checkpoint['global_step']} | {scores[:, 0].mean():.0f} +- {scores[:, 0].std():.0f} "
                      f"| {scores[:, 1].mean():.0f} +- {scores[:, 1].std():.0f} |")
         print(f"score_policies: {run}: true {scores[:, 0].mean():.1f}, learned {scores[:, 1].mean():.1f}",

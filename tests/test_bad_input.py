@@ -359,3 +359,8 @@ def test_env_kwargs_that_are_not_a_json_object(tmp_path, text):
 def test_overlap_with_async_envs(run):
     refused(run, "train_policy", "--reward", "true", "--overlap", "--async-envs",
             says="--overlap and --async-envs do not combine")
+
+
+def test_negative_anneal_steps(run):
+    refused(run, "train_policy", "--reward", "true", "--anneal-steps", "-5",
+            says="--anneal-steps must be 0 (constant learning rate) or positive, not -5")

@@ -48,3 +48,21 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     other = subprocess.run([sys.executable, "bench/bench_paper.py", *TINY[:6], "--steps", "4096", "--out", out],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert other.returncode != 0 and "was trained for 2,048 steps, not 4,096" in other.stdout + other.stderr
+
+    # score_policies rates the runs' final policies with one run's reward model; --deterministic acts with the
+    # mean action, so its episodes differ from the sampled ones.
+    labelled = os.path.join(out, "HalfCheetah-v5-6labels-s0")
+    policies = [labelled, os.path.join(out, "HalfCheetah-v5-true-s0")]
+
+    def score(*flags):
+        result = subprocess.run([sys.executable, "bench/score_policies.py", "--reward-model", labelled,
+                                 "--policies", *policies, "--episodes", "1", *flags],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = [line for line in result.stdout.splitlines() if line.startswith(f"| {out}")]
+        assert [row.split(" | ")[0][2:] for row in rows] == policies
+        return result.stdout, rows
+
+    (sampled, sampled_rows), (mean, mean_rows) = score(), score("--deterministic")
+    assert "1 episodes per policy, sampled actions." in sampled and "1 episodes per policy, mean actions." in mean
+    assert sampled_rows != mean_rows

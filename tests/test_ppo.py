@@ -43,6 +43,14 @@ def test_gae_matches_hand_computation():
     assert adv[2, 0].item() == pytest.approx(3 - 1.5)
 
 
+def test_learning_rate_decays_linearly_or_stays_constant():
+    assert train_policy.learning_rate(0, 3e-4, 1000) == 3e-4
+    assert math.isclose(train_policy.learning_rate(250, 3e-4, 1000), 2.25e-4)
+    assert train_policy.learning_rate(1000, 3e-4, 1000) == 0.0
+    assert train_policy.learning_rate(1500, 3e-4, 1000) == 0.0  # a run trained past the schedule stays at 0
+    assert train_policy.learning_rate(10**9, 3e-4, 0) == 3e-4   # 0: constant
+
+
 def test_clipped_objective_matches_hand_computation():
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
     ratio = torch.tensor([1.5, 0.5, 0.9, 1.1])

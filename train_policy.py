@@ -15,7 +15,6 @@ it, so loop.sh can alternate it with the reward trainer.
 Reads: config.json, reward_model.pt, policy.pt. Writes: policy.pt, metrics.jsonl, learning_curve.png.
 """
 import argparse
-import hashlib
 import os
 import resource
 import time
@@ -55,9 +54,6 @@ def parse_args(argv=None):
     p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight")
     p.add_argument("--max-grad-norm", type=float, default=0.5, help="gradient clipping")
     p.add_argument("--target-kl", type=float, default=None, help="stop an update's epochs early above this KL")
-    p.add_argument("--value-refit-epochs", type=int, default=0,
-                   help="when reward_model.pt has changed since the policy last trained, first fit the critic "
-                        "alone to the new reward for this many epochs of the first rollout (0: never)")
     p.add_argument("--hidden", type=int, default=64, help="width of the policy and value MLPs")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (small nets: 1 is fastest)")
     p.add_argument("--save-every", type=int, default=20, help="updates between checkpoints")
@@ -146,8 +142,7 @@ class Rollouts:
         """Run net's policy for T = --num-steps steps of all N envs. Returns (batch, episodes). batch: tensors
         obs (T, N, obs_dim) normalised as the policy saw them, act (T, N, act_dim) as sampled (before clipping
         to the action bounds), logp, val, rew (scaled, plus gamma * V(final observation) where a time limit
-        cut the episode) and done (1 where an episode had ended before that step), each (T, N); next_value and
-        next_done (N,) for the state after the last step, next_obs (N, obs_dim) that state normalised. episodes: one
+        cut the episode) and done (1 where an episode had ended before that step), each (T, N); next_value and next_done (N,) for the state after the last step. episodes: one
         dict per episode that ended, with its true and learned return."""
         args, n, reward_model = self.args, self.args.num_envs, self.reward_model
         obs_buf = torch.zeros((args.num_steps, n, self.raw_obs.shape[1]))
@@ -201,8 +196,7 @@ class Rollouts:
         with torch.no_grad():
             next_value = net.critic(torch.as_tensor(C.normalize_obs(self.raw_obs, self.obs_rms))).squeeze(-1)
         batch = {"obs": obs_buf, "act": act_buf, "logp": logp_buf, "val": val_buf, "rew": rew_buf,
-                 "done": done_buf, "next_value": next_value, "next_done": self.next_done.clone(),
-                 "next_obs": torch.as_tensor(C.normalize_obs(self.raw_obs, self.obs_rms))}
+                 "done": done_buf, "next_value": next_value, "next_done": self.next_done.clone()}
         return batch, episodes
 
     def close(self):
@@ -280,43 +274,6 @@ class OverlappedRollouts:
 
 
 # -------------------------------------------------------------------------------------------- update
-
-def refit_critic(net, batch, args, epochs):
-    """Fit the critic alone to a rollout's returns under a reward model that has just changed, for `epochs`
-    passes; batch as Rollouts.collect returns it. The critic the policy trained with predicts returns of the
-    old reward, and PPO's clipped value loss moves it only --clip-coef per update, so for the first updates
-    of a round the advantages would come from the wrong reward. Each pass recomputes the lambda-returns with
-    the critic as fitted so far (they bootstrap from it), then regresses on them, unclipped, with a fresh
-    Adam at --lr (the policy's annealed rate may be near 0 by the late rounds). Afterwards the batch's values
-    are the refitted critic's, so the PPO update that follows starts from them. Returns the value loss of the
-    first and of the last minibatch."""
-    critic = list(net.critic.parameters())
-    optimizer = torch.optim.Adam(critic, lr=args.lr, eps=1e-5)
-    obs = batch["obs"].reshape(-1, batch["obs"].shape[-1])
-    batch_size = obs.shape[0]
-    minibatch_size = batch_size // args.num_minibatches
-    losses = []
-    for _ in range(epochs):
-        with torch.no_grad():
-            values = net.critic(batch["obs"]).squeeze(-1)
-            next_value = net.critic(batch["next_obs"]).squeeze(-1)
-            _, returns = compute_gae(batch["rew"], values, batch["done"], next_value, batch["next_done"],
-                                     args.gamma, args.gae_lambda)
-        returns = returns.reshape(-1)
-        order = torch.randperm(batch_size)
-        for start in range(0, batch_size, minibatch_size):
-            rows = order[start:start + minibatch_size]
-            v_loss = 0.5 * ((net.critic(obs[rows]).squeeze(-1) - returns[rows]) ** 2).mean()
-            optimizer.zero_grad()
-            v_loss.backward()
-            torch.nn.utils.clip_grad_norm_(critic, args.max_grad_norm)
-            optimizer.step()
-            losses.append(v_loss.item())
-    with torch.no_grad():
-        batch["val"] = net.critic(batch["obs"]).squeeze(-1)
-        batch["next_value"] = net.critic(batch["next_obs"]).squeeze(-1)
-    return losses[0], losses[-1]
-
 
 def ppo_update(net, optimizer, parameters, batch, args):
     """--update-epochs passes over one rollout's batch (from Rollouts.collect) in shuffled minibatches.
@@ -405,33 +362,24 @@ def plot_learning_curve(run_dir):
     return path
 
 
-def file_digest(path):
-    """sha256 of a file's bytes: which reward model a policy last trained on."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args, reward_digest):
+def save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args):
     C.save_torch_atomic(path, {
         "model": net.state_dict(), "optimizer": optimizer.state_dict(), "obs_rms": obs_rms.state_dict(),
         "return_rms": return_rms.state_dict(), "global_step": global_step, "hidden": args.hidden,
-        "reward": args.reward, "reward_model_sha256": reward_digest, "torch_rng": torch.get_rng_state(),
-        "format_version": C.FORMAT_VERSION})
+        "reward": args.reward, "torch_rng": torch.get_rng_state(), "format_version": C.FORMAT_VERSION})
 
 
 def main():
     args = parse_args()
     if args.anneal_steps is not None and args.anneal_steps < 0:
         raise C.UserError(f"--anneal-steps must be 0 (constant learning rate) or positive, not {args.anneal_steps}")
-    if args.value_refit_epochs < 0:
-        raise C.UserError(f"--value-refit-epochs must be 0 or positive, not {args.value_refit_epochs}")
     if args.overlap and args.async_envs:
         raise C.UserError("--overlap and --async-envs do not combine: the rollout process cannot start its own "
                           "env processes")
     torch.set_num_threads(args.threads)
     config = C.open_run(args.run, args.env, args.seed, env_kwargs=args.env_kwargs)
     obs_dim, act_dim = config["obs_shape"][0], config["act_shape"][0]
-    reward_model, reward_digest = None, None
+    reward_model = None
     if args.reward == "learned":  # (with --overlap, loaded here to check it; the worker loads its own)
         reward_model = C.load_reward_model(args.run)
         if reward_model is None:
@@ -441,7 +389,6 @@ def main():
         if reward_model.in_dim != expected:
             raise C.UserError(f"{C.REWARD_MODEL} expects {reward_model.in_dim} inputs, but {config['env_id']} "
                               f"gives it {expected} ({reward_model.inputs})")
-        reward_digest = file_digest(os.path.join(args.run, C.REWARD_MODEL))
 
     torch.manual_seed(config["seed"])  # before the network's random init, so that a seed fixes the whole run
     net = C.build_actor_critic(obs_dim, act_dim, args.hidden)
@@ -449,7 +396,7 @@ def main():
     parameters = list(net.parameters())  # walking the module tree every minibatch costs more than the step
     optimizer = torch.optim.Adam(parameters, lr=args.lr, eps=1e-5, fused=True)
     obs_rms, return_rms = C.RunningMeanStd((obs_dim,)), C.RunningMeanStd(())
-    global_step, trained_digest = 0, None
+    global_step = 0
     path = os.path.join(args.run, C.POLICY)
     if os.path.exists(path):
         ckpt = C.load_torch(path, "policy checkpoint")
@@ -464,7 +411,6 @@ def main():
             raise C.UserError(f"{path} does not fit this run's {obs_dim} observations and {act_dim} actions "
                               f"({type(e).__name__}); it belongs to another run")
         global_step = int(ckpt["global_step"])
-        trained_digest = ckpt.get("reward_model_sha256")  # None in checkpoints from before it was stored
         torch.set_rng_state(ckpt["torch_rng"])
     if global_step >= args.total_steps:
         print(f"train_policy: policy already at step {global_step} >= --total-steps {args.total_steps}")
@@ -477,9 +423,6 @@ def main():
     else:
         rollouts = Rollouts(args, config, reward_model, obs_rms, return_rms, global_step)
     started, start_step, update = time.time(), global_step, 0
-    # A policy that has trained on another reward model than the one in the run directory now: loop.sh has
-    # retrained the reward model since (a fresh policy has a fresh critic, nothing to refit).
-    refit_epochs = args.value_refit_epochs if global_step > 0 and reward_digest != trained_digest else 0
     recent_true = []
 
     while global_step < args.total_steps:
@@ -488,11 +431,6 @@ def main():
             group["lr"] = learning_rate(global_step, args.lr, anneal_steps)
         batch, episodes = rollouts.collect(net)
         global_step += batch_size
-        if refit_epochs:
-            first_loss, last_loss = refit_critic(net, batch, args, refit_epochs)
-            print(f"train_policy: reward model changed; critic refitted for {refit_epochs} epochs "
-                  f"(value loss {first_loss:.3f} -> {last_loss:.3f})", flush=True)
-            refit_epochs = 0
         pg_loss, v_loss, approx_kl, clip_fraction = ppo_update(net, optimizer, parameters, batch, args)
 
         recent_true += [e["true_return"] for e in episodes]
@@ -502,7 +440,7 @@ def main():
                            [{"stage": "train_policy", "time": round(time.time(), 3), "reward": args.reward, **e}
                             for e in episodes])
         if update % args.save_every == 0:
-            save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args, reward_digest)
+            save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args)
         if update % 10 == 0 or global_step >= args.total_steps:
             mean_true = np.mean(recent_true[-20:]) if recent_true else float("nan")
             print(f"train_policy: step {global_step}/{args.total_steps}, true return (last 20 episodes) "
@@ -510,7 +448,7 @@ def main():
                   f"kl {approx_kl:.4f}, clip {clip_fraction:.3f}, {sps:.0f} steps/s", flush=True)
 
     rollouts.close()
-    save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args, reward_digest)
+    save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args)
     C.log_metrics(args.run, "train_policy_summary", step=global_step, reward=args.reward,
                   steps_per_second=round((global_step - start_step) / (time.time() - started), 1),
                   true_return_last20=float(np.mean(recent_true[-20:])) if recent_true else None,

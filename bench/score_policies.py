@@ -9,7 +9,9 @@ the policy optimisation is.
                    bench/out/paper-500k-obs+act/HalfCheetah-v5-true-s0
 
 Prints a markdown table: for each policy the mean and standard deviation over --episodes whole episodes of
-the true and the learned return. Actions are sampled from the policy, as in training and in
+the true and the learned return, and the correlation of the learned with the true reward step by step over
+those episodes: how closely the model tracks the true reward among the states that policy visits, where its
+gradient has to lead the agent on. Actions are sampled from the policy, as in training and in
 collect.py --evaluate, or with --deterministic are the policy's mean action. Reads only; writes nothing.
 """
 import argparse
@@ -23,22 +25,22 @@ sys.path.insert(0, ROOT)
 import contract as C  # noqa: E402
 
 
-def episode_returns(env, policy, reward_model, seed, deterministic=False):
-    """One whole episode: (true return, learned return)."""
+def episode_rewards(env, policy, reward_model, seed, deterministic=False):
+    """One whole episode of T steps: (true rewards (T,), learned rewards (T,))."""
     import torch
     obs, _ = env.reset(seed=seed)
-    observations, actions, true_return, done = [], [], 0.0, False
+    observations, actions, true_rewards, done = [], [], [], False
     while not done:
         action = policy.act(obs[None], deterministic=deterministic)[0]
         observations.append(obs)
         actions.append(action)
         obs, reward, terminated, truncated, _ = env.step(action)
-        true_return += float(reward)
+        true_rewards.append(float(reward))
         done = terminated or truncated
     x = torch.as_tensor(C.reward_input(np.array(observations), np.array(actions), reward_model.inputs))
     with torch.no_grad():
-        learned_return = float(reward_model.normalized_reward(x.float()).sum())
-    return true_return, learned_return
+        learned_rewards = reward_model.normalized_reward(x.float()).numpy()
+    return np.array(true_rewards), learned_rewards
 
 
 def main():
@@ -62,7 +64,8 @@ def main():
     obs_dim, act_dim = config["obs_shape"][0], config["act_shape"][0]
     lines = [f"{config['env_id']}, reward model of {args.reward_model} ({reward_model.inputs}), "
              f"{args.episodes} episodes per policy, {'mean' if args.deterministic else 'sampled'} actions.", "",
-             "| policy of | policy step | true return | learned return |", "|---|---|---|---|"]
+             "| policy of | policy step | true return | learned return | corr(learned, true) per step |",
+             "|---|---|---|---|---|"]
     for run in args.policies:
         other = C.read_config(run)
         if (other["env_id"], other["env_kwargs"]) != (config["env_id"], config["env_kwargs"]):
@@ -71,10 +74,13 @@ def main():
         checkpoint = C.load_torch(os.path.join(run, C.POLICY), "policy checkpoint")
         policy = C.PolicyForRollout(checkpoint, obs_dim, act_dim, env.action_space.low, env.action_space.high,
                                     seed=args.seed)
-        scores = np.array([episode_returns(env, policy, reward_model, args.seed + i, args.deterministic)
-                           for i in range(args.episodes)])
+        episodes = [episode_rewards(env, policy, reward_model, args.seed + i, args.deterministic)
+                    for i in range(args.episodes)]
+        scores = np.array([(true.sum(), learned.sum()) for true, learned in episodes])
+        correlation = np.corrcoef(np.concatenate([t for t, _ in episodes]),
+                                  np.concatenate([l for _, l in episodes]))[0, 1]
         lines.append(f"| {run} | {checkpoint['global_step']} | {scores[:, 0].mean():.0f} +- {scores[:, 0].std():.0f} "
-                     f"| {scores[:, 1].mean():.0f} +- {scores[:, 1].std():.0f} |")
+                     f"| {scores[:, 1].mean():.0f} +- {scores[:, 1].std():.0f} | {correlation:.2f} |")
         print(f"score_policies: {run}: true {scores[:, 0].mean():.1f}, learned {scores[:, 1].mean():.1f}",
               file=sys.stderr, flush=True)
     env.close()

@@ -66,3 +66,5 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     (sampled, sampled_rows), (mean, mean_rows) = score(), score("--deterministic")
     assert "1 episodes per policy, sampled actions." in sampled and "1 episodes per policy, mean actions." in mean
     assert sampled_rows != mean_rows
+    for row in sampled_rows + mean_rows:  # the last column: a correlation of learned with true step rewards
+        assert -1.0 <= float(row.split(" | ")[-1].rstrip(" |")) <= 1.0

@@ -77,8 +77,8 @@ def main():
         episodes = [episode_rewards(env, policy, reward_model, args.seed + i, args.deterministic)
                     for i in range(args.episodes)]
         scores = np.array([(true.sum(), learned.sum()) for true, learned in episodes])
-        correlation = np.corrcoef(np.concatenate([t for t, _ in episodes]),
-                                  np.concatenate([l for _, l in episodes]))[0, 1]
+        correlation = np.corrcoef(np.concatenate([true for true, _ in episodes]),
+                                  np.concatenate([learned for _, learned in episodes]))[0, 1]
         lines.append(f"| {run} | {checkpoint['global_step']} | {scores[:, 0].mean():.0f} +- {scores[:, 0].std():.0f} "
                      f"| {scores[:, 1].mean():.0f} +- {scores[:, 1].std():.0f} | {correlation:.2f} |")
         print(f"score_policies: {run}: true {scores[:, 0].mean():.1f}, learned {scores[:, 1].mean():.1f}",

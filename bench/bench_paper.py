@@ -75,7 +75,8 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     log = open(os.path.join(args.out, name + ".log"), "a")
-    env = {**os.environ, "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"}
+    # MUJOCO_GL from the caller when set: on a machine without EGL, "disable" runs the (clip-less) conditions
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_THREADS": "1"}
     python = sys.executable
     if labels is None:
         commands = [[python, "train_policy.py", "--run", run, "--env", env_id, "--seed", str(seed), "--reward",

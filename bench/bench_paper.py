@@ -5,6 +5,7 @@ Hopper-v5 (fixed horizon, as the paper did).
     python bench/bench_paper.py                      # default budget: 1 seed, 500k steps, 2 jobs at a time
     python bench/bench_paper.py --steps 1000000      # the full budget of 1M steps (~2.5 h here)
     python bench/bench_paper.py --seeds 0 1 2 --jobs 16   # e.g. on a 16-core machine
+    MUJOCO_GL=disable python bench/bench_paper.py ...     # on a machine without EGL (no clips are rendered)
     python bench/bench_paper.py --report-only             # table and plot of what has finished so far
     python bench/bench_paper.py --envs HalfCheetah-v5 --labels 700 --teachers oracle mistake stochastic myopic skip equal
 

@@ -77,7 +77,7 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
     started = time.time()
     log = open(os.path.join(args.out, name + ".log"), "a")
     # MUJOCO_GL from the caller when set: on a machine without EGL, "disable" runs the (clip-less) conditions
-    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_THREADS": "1"}
+    env = {"MUJOCO_GL": "egl", **os.environ, "OMP_NUM_THREADS": "1"}
     python = sys.executable
     if labels is None:
         commands = [[python, "train_policy.py", "--run", run, "--env", env_id, "--seed", str(seed), "--reward",

@@ -10,8 +10,9 @@ Each configuration runs in its own process, one torch thread (the fairest settin
 ours also runs with --overlap, which collects the next rollout in a second process, on the second core, while
 the first updates. Reported: env steps per second of wall-clock time (the figure that counts on a machine
 left to the benchmark) and per CPU second (the fair figure when other jobs share the cores) over the whole
-run, rollouts and updates, and the peak resident memory of the largest process. Writes a markdown table to
-bench/out/ppo.md.
+run, rollouts and updates, and the peak resident memory of the largest process; and, timed inside this
+process, one rollout and one update of ours (the slower of the two bounds --overlap). Writes a markdown table
+to bench/out/ppo.md.
 """
 import argparse
 import os
@@ -77,6 +78,33 @@ def run_measured(command):
     return time.time() - start, rusage.ru_utime + rusage.ru_stime, rusage.ru_maxrss / 1024, out
 
 
+def time_rollout_and_update(run, repeats=5):
+    """Median seconds of one rollout (Rollouts.collect, 8 x 256 steps, true reward) and one update (ppo_update,
+    10 epochs over those 2048 steps) of our PPO, in this process with one torch thread. With --overlap the
+    slower of the two bounds the speed; without it, they add up."""
+    import numpy as np
+    import torch
+    import contract as C
+    import train_policy
+    torch.set_num_threads(1)
+    args = train_policy.parse_args(["--run", run, "--reward", "true", "--num-envs", "8", "--num-steps", "256"])
+    config = C.read_config(run)
+    net = C.build_actor_critic(config["obs_shape"][0], config["act_shape"][0], args.hidden)
+    optimizer = train_policy.FlatAdam(net, lr=args.lr)
+    rollouts = train_policy.Rollouts(args, config, None, C.RunningMeanStd(tuple(config["obs_shape"])),
+                                     C.RunningMeanStd(()), 0)
+    rollout_seconds, update_seconds = [], []
+    for _ in range(repeats + 1):  # the first of each warms up
+        start = time.perf_counter()
+        batch, _ = rollouts.collect(net)
+        rollout_seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        train_policy.ppo_update(net, optimizer, batch, args)
+        update_seconds.append(time.perf_counter() - start)
+    rollouts.close()
+    return float(np.median(rollout_seconds[1:])), float(np.median(update_seconds[1:]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -92,6 +120,7 @@ def main():
         for command in (["collect.py", "--run", base, "--env", args.env, "--pairs", "100", "--no-clips"],
                         ["label.py", "teach", "--run", base], ["train_reward.py", "--run", base, "--steps", "100"]):
             run_measured([py] + command)  # (wall, CPU, RSS, output) unused here
+        rollout_seconds, update_seconds = time_rollout_and_update(base)
         rows = []
         for impl in ("ours", "overlap", "sb3"):
             for reward in ("true", "learned"):
@@ -123,7 +152,10 @@ def main():
                      f"reward; per CPU second: {cpu[i, 'true'] / cpu['sb3', 'true']:.2f}x and "
                      f"{cpu[i, 'learned'] / cpu['sb3', 'learned']:.2f}x." for i in ("ours", "overlap")]
     lines += [f"Cost of the learned reward in our PPO: "
-              f"{100 * (cpu['ours', 'true'] / cpu['ours', 'learned'] - 1):.1f}% more CPU time per step."]
+              f"{100 * (cpu['ours', 'true'] / cpu['ours', 'learned'] - 1):.1f}% more CPU time per step.",
+              f"One rollout of ours (8 x 256 steps, true reward) takes {rollout_seconds:.3f} s and one update "
+              f"(10 epochs of 32 minibatches) {update_seconds:.3f} s, in one process (median of 5), so --overlap "
+              f"is bounded by {2048 / max(rollout_seconds, update_seconds):.0f} steps/s."]
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "ppo.md"), "w") as f:
         f.write(table)

@@ -98,6 +98,53 @@ def test_reward_scaling_divides_by_the_std_of_the_discounted_return():
     np.testing.assert_allclose(scaled, np.array([1.0, 2.0]) / expected_std, rtol=1e-3)
 
 
+def test_flat_adam_takes_torch_adams_steps_with_global_norm_clipping():
+    """FlatAdam (all parameters as views of one tensor) against torch.optim.Adam after
+    clip_grad_norm_, on the same losses for 20 steps with a changing learning rate; and its state resumes,
+    also from the torch.optim.Adam state of the checkpoints written before it."""
+    def losses(net, step):
+        obs = torch.randn(16, 5, generator=torch.Generator().manual_seed(step))
+        return (net.actor_mean(obs) ** 2).sum() * 10 + net.critic(obs).mean() + net.actor_logstd.sum()
+
+    torch.manual_seed(0)
+    ours = C.build_actor_critic(5, 2, 8)
+    reference = C.build_actor_critic(5, 2, 8)
+    reference.load_state_dict(ours.state_dict())
+    flat = train_policy.FlatAdam(ours, lr=1e-2)
+    torch_adam = torch.optim.Adam(reference.parameters(), lr=1e-2, eps=1e-5)
+    clipped_any = False
+    for step in range(20):
+        lr = 1e-2 * (1 - step / 20)
+        flat.lr = lr
+        for group in torch_adam.param_groups:
+            group["lr"] = lr
+        flat.zero_grad()
+        losses(ours, step).backward()
+        flat.step(max_grad_norm=0.5)
+        torch_adam.zero_grad()
+        losses(reference, step).backward()
+        clipped_any |= float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)) > 0.5
+        torch_adam.step()
+    assert clipped_any
+    for name, tensor in reference.state_dict().items():
+        np.testing.assert_allclose(ours.state_dict()[name].numpy(), tensor.numpy(), rtol=1e-5, atol=1e-6)
+    # The parameters are still views of the flat tensor (load_state_dict copies into them).
+    ours.load_state_dict(reference.state_dict())
+    assert all(p.untyped_storage().data_ptr() == flat.flat.untyped_storage().data_ptr() for p in ours.parameters())
+    assert torch.equal(flat.flat, torch.cat([p.detach().reshape(-1) for p in reference.parameters()]))
+
+    resumed = train_policy.FlatAdam(C.build_actor_critic(5, 2, 8), lr=1e-2)
+    resumed.load_state_dict(flat.state_dict())
+    from_torch = train_policy.FlatAdam(C.build_actor_critic(5, 2, 8), lr=1e-2)
+    from_torch.load_state_dict(torch_adam.state_dict())
+    for other in (resumed, from_torch):
+        assert other.steps == 20
+        np.testing.assert_allclose(other.exp_avg.numpy(), flat.exp_avg.numpy(), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(other.exp_avg_sq.numpy(), flat.exp_avg_sq.numpy(), rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError):
+        train_policy.FlatAdam(C.build_actor_critic(5, 3, 8), lr=1e-2).load_state_dict(flat.state_dict())
+
+
 def test_checkpoint_resumes_where_it_stopped(tmp_path):
     run = str(tmp_path / "resume")
     common = ["--reward", "true", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "4",

@@ -9,6 +9,9 @@ Hopper-v5 (fixed horizon, as the paper did).
     python bench/bench_paper.py --report-only             # table and plot of what has finished so far
     python bench/bench_paper.py --envs HalfCheetah-v5 --labels 700 --teachers oracle mistake stochastic myopic skip equal
 
+Every condition trains the same PPO with the same entropy bonus (--ent-coef, loop.sh's 0.01), so that they
+differ in the reward only.
+
 Resumable: each condition lives in its own run directory under --out (by default one per step budget,
 bench/out/paper-500k) and is marked done by done.json; a re-run does only what is missing (and resumes
 a condition that was interrupted). Writes the table to
@@ -40,6 +43,9 @@ def parse_args():
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--teachers", nargs="+", default=["oracle"], choices=sorted(TEACHERS),
                    help="synthetic teachers of the label conditions (B-Pref's settings)")
+    p.add_argument("--ent-coef", type=float, default=0.01,
+                   help="the policy's entropy bonus in every condition, the true-reward one included, so that the "
+                        "conditions differ in the reward only (loop.sh's ENT_COEF; 0: PPO's usual none)")
     p.add_argument("--jobs", type=int, default=2, help="conditions run at once (one core each)")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default=None, help="results directory (default: bench/out/paper-<steps/1000>k)")
@@ -55,15 +61,15 @@ TEACHERS = {"oracle": "", "mistake": "--mistake 0.1", "stochastic": "--beta 1", 
             "skip": "--skip 0.1", "equal": "--equal 0.1"}
 
 
-def condition_name(env_id, labels, seed, teacher="oracle"):
-    if labels is None:
-        return f"{env_id}-true-s{seed}"
+def condition_name(env_id, labels, seed, teacher="oracle", true_ent_coef=0.0):
+    if labels is None:  # the bonus in the name: results of before --ent-coef, without one, are not mixed in
+        return f"{env_id}-true-s{seed}" if true_ent_coef == 0 else f"{env_id}-true-ent{true_ent_coef:g}-s{seed}"
     return f"{env_id}-{labels}labels{'' if teacher == 'oracle' else '-' + teacher}-s{seed}"
 
 
 def run_condition(args, env_id, labels, seed, teacher="oracle"):
     """Train one condition to the end (resuming if interrupted) and return its done.json record."""
-    name = condition_name(env_id, labels, seed, teacher)
+    name = condition_name(env_id, labels, seed, teacher, args.ent_coef)
     run = os.path.join(args.out, name)
     done_path = os.path.join(run, "done.json")
     if os.path.exists(done_path):
@@ -72,16 +78,19 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
         if record["steps"] != args.steps:
             raise SystemExit(f"bench_paper: {run} was trained for {record['steps']:,} steps, not {args.steps:,}; "
                              f"give another --out")
+        if record.get("ent_coef", args.ent_coef) != args.ent_coef:  # (records of before --ent-coef lack it)
+            raise SystemExit(f"bench_paper: {run} was trained with entropy bonus {record['ent_coef']:g}, not "
+                             f"{args.ent_coef:g}; give another --out")
         return record
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     log = open(os.path.join(args.out, name + ".log"), "a")
     # MUJOCO_GL from the caller when set: on a machine without EGL, "disable" runs the (clip-less) conditions
-    env = {"MUJOCO_GL": "egl", **os.environ, "OMP_NUM_THREADS": "1"}
+    env = {"MUJOCO_GL": "egl", **os.environ, "OMP_NUM_THREADS": "1", "ENT_COEF": str(args.ent_coef)}
     python = sys.executable
     if labels is None:
         commands = [[python, "train_policy.py", "--run", run, "--env", env_id, "--seed", str(seed), "--reward",
-                     "true", "--total-steps", str(args.steps)],
+                     "true", "--total-steps", str(args.steps), "--ent-coef", str(args.ent_coef)],
                     [python, "collect.py", "--run", run, "--evaluate", str(args.eval_episodes), "--no-clips"]]
     else:
         env.update(RUN=run, ENV_ID=env_id, SEED=str(seed), LABELS=str(labels), TOTAL_STEPS=str(args.steps),
@@ -90,6 +99,8 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
                    TEACHER_FLAGS=TEACHERS[teacher])
         commands = [["bash", "loop.sh"]]
     for command in commands:
+        log.write("+ " + " ".join(command) + "\n")  # as loop.sh logs its commands
+        log.flush()
         result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         if result.returncode != 0:
             raise RuntimeError(f"{name} failed; see its .log in {args.out}")
@@ -97,6 +108,7 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
     evaluation = [m for m in metrics if m["stage"] == "evaluate" and m["policy"] != "random"][-1]
     episodes = [m for m in metrics if m["stage"] == "train_policy"]
     record = {"env": env_id, "labels": labels, "seed": seed, "steps": args.steps, "teacher": teacher,
+              "ent_coef": args.ent_coef,
               "eval_true_return": evaluation["true_return_mean"],
               "train_true_return_last20": float(np.mean([e["true_return"] for e in episodes[-20:]])),
               "minutes": round((time.time() - started) / 60, 1)}
@@ -124,8 +136,8 @@ def report(args, records):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     lines = [f"Budget: {args.steps:,} policy steps per condition, seeds {args.seeds}, label rounds every "
-             f"{args.steps_per_round:,} steps, true return = mean of {args.eval_episodes} evaluation episodes "
-             f"of the final policy (mean over seeds).", "",
+             f"{args.steps_per_round:,} steps, entropy bonus {args.ent_coef:g} in every condition, true return = "
+             f"mean of {args.eval_episodes} evaluation episodes of the final policy (mean over seeds).", "",
              "| env | condition | final true return | per seed | ratio to true-reward RL |", "|---|---|---|---|---|"]
     fig, axes = plt.subplots(1, len(args.envs), figsize=(6 * len(args.envs), 4), squeeze=False)
     for ax, env_id in zip(axes[0], args.envs):
@@ -142,8 +154,8 @@ def report(args, records):
             name = "RL on the true reward" if labels is None else f"{labels} synthetic labels" + (
                 "" if teacher == "oracle" else f", {teacher} teacher ({TEACHERS[teacher]})")
             lines.append(f"| {env_id} | {name} | {value:.0f} | {per_seed} | {value / base_mean:.2f} |")
-            curves = [curve(os.path.join(args.out, condition_name(env_id, labels, s, teacher)), steps=args.steps)
-                      for s in args.seeds]
+            curves = [curve(os.path.join(args.out, condition_name(env_id, labels, s, teacher, args.ent_coef)),
+                            steps=args.steps) for s in args.seeds]
             curves = [c for c in curves if len(c[0])]
             if curves:
                 ax.plot(curves[0][0], np.nanmean([c[1] for c in curves], axis=0), label=name,
@@ -174,7 +186,7 @@ def main():
     if args.report_only:
         records = []
         for c in conditions:
-            done = os.path.join(args.out, condition_name(*c), "done.json")
+            done = os.path.join(args.out, condition_name(*c, args.ent_coef), "done.json")
             if os.path.exists(done):
                 with open(done) as f:
                     records.append(json.load(f))

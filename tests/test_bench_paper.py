@@ -1,5 +1,6 @@
 """Issue 5: `make bench-paper` keeps each finished condition, re-runs only what is missing, refuses to mix
-step budgets in one results directory, and writes its table and plot. A tiny budget on HalfCheetah."""
+step budgets or entropy bonuses in one results directory, and writes its table and plot. A tiny budget on
+HalfCheetah."""
 import json
 import os
 import subprocess
@@ -19,16 +20,20 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     out = str(tmp_path / "paper")
     first = bench(out)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    names = ["HalfCheetah-v5-true-s0", "HalfCheetah-v5-6labels-s0"]
+    names = ["HalfCheetah-v5-true-ent0.01-s0", "HalfCheetah-v5-6labels-s0"]
     records = {}
     for name in names:
         with open(os.path.join(out, name, "done.json")) as f:
             records[name] = json.load(f)
-        assert records[name]["steps"] == 2048 and records[name]["seed"] == 0
+        assert records[name]["steps"] == 2048 and records[name]["seed"] == 0 and records[name]["ent_coef"] == 0.01
     assert records[names[1]]["labels"] == 6 and records[names[0]]["labels"] is None
     table = open(os.path.join(out, "paper.md")).read()
     assert "| HalfCheetah-v5 | RL on the true reward |" in table and "| 6 synthetic labels |" in table
     assert "Budget: 2,048 policy steps per condition, seeds [0]" in table
+    assert "entropy bonus 0.01 in every condition" in table
+    # Both kinds of condition trained with the bonus: the loop's policy and the true-reward baseline.
+    for name in names:
+        assert "--ent-coef 0.01" in open(os.path.join(out, name + ".log")).read(), name
     assert os.path.getsize(os.path.join(out, "paper.png")) > 1000
 
     # A re-run finds every condition done: nothing is trained again, nothing changes.
@@ -41,18 +46,22 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     more = bench(out, "--seeds", "0", "1")
     assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-2000:]
     assert sorted(line.split(":")[1].strip() for line in more.stdout.splitlines() if line.startswith("done:")) \
-        == ["HalfCheetah-v5-6labels-s1", "HalfCheetah-v5-true-s1"]
+        == ["HalfCheetah-v5-6labels-s1", "HalfCheetah-v5-true-ent0.01-s1"]
     assert mtimes == {n: os.path.getmtime(os.path.join(out, n, "policy.pt")) for n in names}
 
     # Another step budget in the same directory would mix budgets in one table: refused.
     other = subprocess.run([sys.executable, "bench/bench_paper.py", *TINY[:6], "--steps", "4096", "--out", out],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert other.returncode != 0 and "was trained for 2,048 steps, not 4,096" in other.stdout + other.stderr
+    # So would another entropy bonus: the true-reward baseline gets its own name, the loop's runs are refused.
+    other = subprocess.run([sys.executable, "bench/bench_paper.py", *TINY, "--ent-coef", "0", "--out", out],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and "was trained with entropy bonus 0.01, not 0" in other.stdout + other.stderr
 
     # score_policies rates the runs' final policies with one run's reward model; --deterministic acts with the
     # mean action, so its episodes differ from the sampled ones.
     labelled = os.path.join(out, "HalfCheetah-v5-6labels-s0")
-    policies = [labelled, os.path.join(out, "HalfCheetah-v5-true-s0")]
+    policies = [labelled, os.path.join(out, "HalfCheetah-v5-true-ent0.01-s0")]
 
     def score(*flags):
         result = subprocess.run([sys.executable, "bench/score_policies.py", "--reward-model", labelled,

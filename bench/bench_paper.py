@@ -67,20 +67,28 @@ def condition_name(env_id, labels, seed, teacher="oracle", true_ent_coef=0.0):
     return f"{env_id}-{labels}labels{'' if teacher == 'oracle' else '-' + teacher}-s{seed}"
 
 
+def finished_record(args, run):
+    """The done.json record of a finished condition, or None; refuses one of another budget or bonus."""
+    done_path = os.path.join(run, "done.json")
+    if not os.path.exists(done_path):
+        return None
+    with open(done_path) as f:
+        record = json.load(f)
+    if record["steps"] != args.steps:
+        raise SystemExit(f"bench_paper: {run} was trained for {record['steps']:,} steps, not {args.steps:,}; "
+                         f"give another --out")
+    if record.get("ent_coef", args.ent_coef) != args.ent_coef:  # (records of before --ent-coef lack it)
+        raise SystemExit(f"bench_paper: {run} was trained with entropy bonus {record['ent_coef']:g}, not "
+                         f"{args.ent_coef:g}; give another --out")
+    return record
+
+
 def run_condition(args, env_id, labels, seed, teacher="oracle"):
     """Train one condition to the end (resuming if interrupted) and return its done.json record."""
     name = condition_name(env_id, labels, seed, teacher, args.ent_coef)
     run = os.path.join(args.out, name)
-    done_path = os.path.join(run, "done.json")
-    if os.path.exists(done_path):
-        with open(done_path) as f:
-            record = json.load(f)
-        if record["steps"] != args.steps:
-            raise SystemExit(f"bench_paper: {run} was trained for {record['steps']:,} steps, not {args.steps:,}; "
-                             f"give another --out")
-        if record.get("ent_coef", args.ent_coef) != args.ent_coef:  # (records of before --ent-coef lack it)
-            raise SystemExit(f"bench_paper: {run} was trained with entropy bonus {record['ent_coef']:g}, not "
-                             f"{args.ent_coef:g}; give another --out")
+    record = finished_record(args, run)
+    if record is not None:
         return record
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
@@ -112,7 +120,7 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
               "eval_true_return": evaluation["true_return_mean"],
               "train_true_return_last20": float(np.mean([e["true_return"] for e in episodes[-20:]])),
               "minutes": round((time.time() - started) / 60, 1)}
-    C.write_json_atomic(done_path, record)
+    C.write_json_atomic(os.path.join(run, "done.json"), record)
     print(f"done: {name}: true return {record['eval_true_return']:.1f} "
           f"({record['minutes']} min)", flush=True)
     return record
@@ -183,13 +191,11 @@ def main():
                    for teacher in args.teachers] + [(env_id, None, seed, "oracle") for env_id in args.envs]]
     print(f"bench_paper: {len(conditions)} conditions of {args.steps:,} steps, {args.jobs} at a time, "
           f"results in {args.out}", flush=True)
+    # Every finished condition checked before any starts: a refusal must not wait for (or leave behind) a run.
+    finished = [finished_record(args, os.path.join(args.out, condition_name(*c, args.ent_coef)))
+                for c in conditions]
     if args.report_only:
-        records = []
-        for c in conditions:
-            done = os.path.join(args.out, condition_name(*c, args.ent_coef), "done.json")
-            if os.path.exists(done):
-                with open(done) as f:
-                    records.append(json.load(f))
+        records = [r for r in finished if r is not None]
         print(f"{len(records)} of {len(conditions)} conditions finished")
     else:
         with ThreadPoolExecutor(args.jobs) as pool:

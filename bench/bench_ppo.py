@@ -79,9 +79,9 @@ def run_measured(command):
 
 
 def time_rollout_and_update(run, repeats=5):
-    """Median seconds of one rollout (Rollouts.collect, 8 x 256 steps, true reward) and one update (ppo_update,
-    10 epochs over those 2048 steps) of our PPO, in this process with one torch thread. With --overlap the
-    slower of the two bounds the speed; without it, they add up."""
+    """(Median seconds of one rollout (Rollouts.collect, 8 x 256 steps, true reward), of one update (ppo_update,
+    10 epochs over them), the rollout's steps) of our PPO, in this process with one torch thread. With
+    --overlap the slower of the two bounds the speed; without it, they add up."""
     import numpy as np
     import torch
     import contract as C
@@ -102,7 +102,8 @@ def time_rollout_and_update(run, repeats=5):
         train_policy.ppo_update(net, optimizer, batch, args)
         update_seconds.append(time.perf_counter() - start)
     rollouts.close()
-    return float(np.median(rollout_seconds[1:])), float(np.median(update_seconds[1:]))
+    steps = args.num_envs * args.num_steps
+    return float(np.median(rollout_seconds[1:])), float(np.median(update_seconds[1:])), steps
 
 
 def main():
@@ -120,7 +121,7 @@ def main():
         for command in (["collect.py", "--run", base, "--env", args.env, "--pairs", "100", "--no-clips"],
                         ["label.py", "teach", "--run", base], ["train_reward.py", "--run", base, "--steps", "100"]):
             run_measured([py] + command)  # (wall, CPU, RSS, output) unused here
-        rollout_seconds, update_seconds = time_rollout_and_update(base)
+        rollout_seconds, update_seconds, rollout_steps = time_rollout_and_update(base)
         rows = []
         for impl in ("ours", "overlap", "sb3"):
             for reward in ("true", "learned"):
@@ -155,7 +156,7 @@ def main():
               f"{100 * (cpu['ours', 'true'] / cpu['ours', 'learned'] - 1):.1f}% more CPU time per step.",
               f"One rollout of ours (8 x 256 steps, true reward) takes {rollout_seconds:.3f} s and one update "
               f"(10 epochs of 32 minibatches) {update_seconds:.3f} s, in one process (median of 5), so --overlap "
-              f"is bounded by {2048 / max(rollout_seconds, update_seconds):.0f} steps/s."]
+              f"is bounded by {rollout_steps / max(rollout_seconds, update_seconds):.0f} steps/s."]
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "ppo.md"), "w") as f:
         f.write(table)

@@ -57,6 +57,7 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     other = subprocess.run([sys.executable, "bench/bench_paper.py", *TINY, "--ent-coef", "0", "--out", out],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert other.returncode != 0 and "was trained with entropy bonus 0.01, not 0" in other.stdout + other.stderr
+    assert not os.path.exists(os.path.join(out, "HalfCheetah-v5-true-s0"))  # refused before anything ran
 
     # score_policies rates the runs' final policies with one run's reward model; --deterministic acts with the
     # mean action, so its episodes differ from the sampled ones.

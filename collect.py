@@ -41,8 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--run", required=True, help="run directory, e.g. data/cheetah")
     p.add_argument("--env", default=None, help="gymnasium env id; required when the run is new")
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of a new run (stored in config.json)")
-    p.add_argument("--segment-seconds", type=at_least(1e-3, float), default=1.5,
-                   help="segment duration of a new run")
+    p.add_argument("--segment-seconds", type=at_least(1e-3, float), default=None,
+                   help="segment duration of a new run, in simulated seconds (default: contract.SEGMENT_SECONDS, "
+                        "the paper's: 0.48 s for Hopper, else 1.5 s)")
     p.add_argument("--env-kwargs", type=C.env_kwargs_flag, default=None,
                    help="JSON keyword arguments for gym.make of a new run (default: the fixed horizon of "
                         "contract.FIXED_HORIZON_KWARGS)")
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--clip-size", type=at_least(16), default=128, help="clip width and height in pixels")
     p.add_argument("--clip-fps", type=at_least(0.1, float), default=30.0,
                    help="at most this many frames per second")
+    p.add_argument("--clip-min-seconds", type=at_least(0.0, float), default=1.5,
+                   help="a shorter segment's clip plays slowed down to last this long, as the paper's did")
     p.add_argument("--random-policy", action="store_true", help="act uniformly at random even if a policy exists")
     p.add_argument("--evaluate", type=at_least(0), default=0, metavar="EPISODES",
                    help="instead of collecting: run this many whole episodes, log the true return, "
@@ -220,7 +223,7 @@ def select_pairs(pool_size, n_pairs, rng, member_returns=None, candidates_factor
 class ClipRenderer:
     """Re-renders saved physics states offscreen (no display, no shadows) and writes mp4 clips."""
 
-    def __init__(self, config, size, max_fps):
+    def __init__(self, config, size, max_fps, min_seconds=0.0):
         import mujoco
         self.env = C.make_env(config["env_id"], config["env_kwargs"], render_size=size)
         self.env.reset(seed=0)
@@ -231,8 +234,11 @@ class ClipRenderer:
         # (gymnasium resets the camera type on every render, so we move the free camera's target instead).
         self.camera = viewer.cam
         self.follow = "trackbodyid" not in self.env.unwrapped.mujoco_renderer.default_cam_config
-        self.every = max(1, math.ceil(1.0 / config["dt"] / max_fps))  # skip steps above max_fps
-        self.fps = 1.0 / config["dt"] / self.every
+        # A segment of T steps lasts T * dt in real time; one shorter than min_seconds (Hopper's 0.48 s) is
+        # too quick to judge, so it plays slowed down to min_seconds. Steps above max_fps are skipped.
+        steps_per_second = 1.0 / config["dt"] / max(1.0, min_seconds / (config["segment_steps"] * config["dt"]))
+        self.every = max(1, math.ceil(steps_per_second / max_fps))
+        self.fps = steps_per_second / self.every
 
     def frames(self, qpos, qvel):
         """qpos (T, nq), qvel (T, nv) -> uint8 frames (ceil(T/every), H, W, 3)."""
@@ -341,7 +347,7 @@ def collect(args, config):
 
     clips = {}
     if not args.no_clips:
-        renderer = ClipRenderer(config, args.clip_size, args.clip_fps)
+        renderer = ClipRenderer(config, args.clip_size, args.clip_fps, args.clip_min_seconds)
         for n, j in enumerate(used):
             rel = os.path.join(C.CLIPS_DIR, f"{new_id[int(j)]}.mp4")
             renderer.write(os.path.join(args.run, rel), pool["qpos"][j], pool["qvel"][j])

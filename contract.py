@@ -310,6 +310,20 @@ def default_env_kwargs(env_id):
     return dict(FIXED_HORIZON_KWARGS.get(env_id.split("-")[0], {}))
 
 
+# How much of the agent one segment shows, in seconds of simulated time. The paper's clips were 1.5 s of video
+# at a frame rate of its own per env (rl-teacher's envs.py), one env step per frame: HalfCheetah's 20 frames/s
+# is real time (30 steps), but Hopper's 40 frames/s showed 60 steps of 8 ms, i.e. 0.48 s of motion slowed down
+# about 3x. With 1.5 s of Hopper motion (187 steps) the agents learned at half the rate of PPO on the true
+# reward; with the paper's 60 steps they keep up (BENCHMARKS.md, "Segment length"). collect.py slows short
+# segments down the same way when it renders them for people.
+DEFAULT_SEGMENT_SECONDS = 1.5
+SEGMENT_SECONDS = {"Hopper": 0.48}
+
+
+def default_segment_seconds(env_id):
+    return SEGMENT_SECONDS.get(env_id.split("-")[0], DEFAULT_SEGMENT_SECONDS)
+
+
 def env_kwargs_flag(text):
     """argparse type of --env-kwargs: a JSON object of keyword arguments for gym.make, e.g.
     '{"terminate_when_unhealthy": true}' to train on the original, terminating Hopper."""
@@ -373,11 +387,12 @@ def remove_stale_temp_files(run_dir):
                 pass
 
 
-def open_run(run_dir, env_id=None, seed=0, segment_seconds=1.5, create=True, env_kwargs=None):
+def open_run(run_dir, env_id=None, seed=0, segment_seconds=None, create=True, env_kwargs=None):
     """Return the run's config, creating data/<run>/ and config.json on first use.
 
     A stage that names an env (--env) must match the run's; a run of another format version is refused.
     env_kwargs (None: FIXED_HORIZON_KWARGS) are fixed when the run is created; other ones later are refused.
+    segment_seconds (None: default_segment_seconds) is fixed when the run is created and ignored after.
     Nothing is written before the env id has been checked, so a mistyped one leaves no directory behind."""
     path = os.path.join(run_dir, CONFIG)
     config = read_config(run_dir)
@@ -401,6 +416,8 @@ def open_run(run_dir, env_id=None, seed=0, segment_seconds=1.5, create=True, env
         env.close()
         raise
     dt = float(env.unwrapped.dt)
+    if segment_seconds is None:
+        segment_seconds = default_segment_seconds(env_id)
     segment_steps = max(2, int(round(segment_seconds / dt)))
     horizon = env.spec.max_episode_steps
     if horizon is not None and segment_steps > horizon:

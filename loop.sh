@@ -11,7 +11,8 @@ cd "$(dirname "$0")"
 RUN=${RUN:-data/demo}
 ENV_ID=${ENV_ID:-HalfCheetah-v5}
 SEED=${SEED:-0}
-SEGMENT_SECONDS=${SEGMENT_SECONDS:-1.5}   # clip length (fixed when the run is created)
+SEGMENT_SECONDS=${SEGMENT_SECONDS:-}      # segment length in simulated seconds, fixed when the run is created
+                                          # (default: collect.py's, the paper's: 0.48 for Hopper, else 1.5)
 TOTAL_STEPS=${TOTAL_STEPS:-500000}        # policy environment steps in all
 STEPS_PER_ROUND=${STEPS_PER_ROUND:-50000} # policy steps between two label rounds
 LABELS=${LABELS:-500}                     # label budget: pairs asked over the whole run
@@ -43,7 +44,7 @@ run() { echo "+ $*" >&2; "$@"; }
 
 # The random policy's score, once, for comparison at the end.
 if ! grep -qs '"policy": "random"' "$RUN/metrics.jsonl"; then
-  run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" --seed "$SEED" --segment-seconds "$SEGMENT_SECONDS" \
+  run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" --seed "$SEED" ${SEGMENT_SECONDS:+--segment-seconds "$SEGMENT_SECONDS"} \
       --evaluate "$EVAL_EPISODES" --random-policy $clip_flag
 fi
 

@@ -67,13 +67,23 @@ def condition_name(env_id, labels, seed, teacher="oracle", true_ent_coef=0.0):
     return f"{env_id}-{labels}labels{'' if teacher == 'oracle' else '-' + teacher}-s{seed}"
 
 
+def segment_seconds(env_id):
+    """The segment length a new label condition gets: loop.sh's SEGMENT_SECONDS if set, else collect.py's."""
+    return float(os.environ.get("SEGMENT_SECONDS") or C.default_segment_seconds(env_id))
+
+
 def finished_record(args, run):
-    """The done.json record of a finished condition, or None; refuses one of another budget or bonus."""
+    """The done.json record of a finished condition, or None; refuses one of another budget, bonus or (a
+    label condition) segment length."""
     done_path = os.path.join(run, "done.json")
     if not os.path.exists(done_path):
         return None
     with open(done_path) as f:
         record = json.load(f)
+    config = C.read_config(run)  # (None where a condition's results were copied without it: not checked)
+    if record["labels"] is not None and config and config["segment_seconds"] != segment_seconds(record["env"]):
+        raise SystemExit(f"bench_paper: {run} was trained on {config['segment_seconds']:g} s segments, not "
+                         f"{segment_seconds(record['env']):g} s; give another --out")
     if record["steps"] != args.steps:
         raise SystemExit(f"bench_paper: {run} was trained for {record['steps']:,} steps, not {args.steps:,}; "
                          f"give another --out")
@@ -116,7 +126,7 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
     evaluation = [m for m in metrics if m["stage"] == "evaluate" and m["policy"] != "random"][-1]
     episodes = [m for m in metrics if m["stage"] == "train_policy"]
     record = {"env": env_id, "labels": labels, "seed": seed, "steps": args.steps, "teacher": teacher,
-              "ent_coef": args.ent_coef,
+              "ent_coef": args.ent_coef, "segment_steps": C.read_config(run)["segment_steps"],
               "eval_true_return": evaluation["true_return_mean"],
               "train_true_return_last20": float(np.mean([e["true_return"] for e in episodes[-20:]])),
               "minutes": round((time.time() - started) / 60, 1)}
@@ -145,7 +155,8 @@ def report(args, records):
     import matplotlib.pyplot as plt
     lines = [f"Budget: {args.steps:,} policy steps per condition, seeds {args.seeds}, label rounds every "
              f"{args.steps_per_round:,} steps, entropy bonus {args.ent_coef:g} in every condition, true return = "
-             f"mean of {args.eval_episodes} evaluation episodes of the final policy (mean over seeds).", "",
+             f"mean of {args.eval_episodes} evaluation episodes of the final policy (mean over seeds), label "
+             f"segments of " + ", ".join(f"{segment_seconds(e):g} s ({e})" for e in args.envs) + ".", "",
              "| env | condition | final true return | per seed | ratio to true-reward RL |", "|---|---|---|---|---|"]
     fig, axes = plt.subplots(1, len(args.envs), figsize=(6 * len(args.envs), 4), squeeze=False)
     for ax, env_id in zip(axes[0], args.envs):

@@ -1,5 +1,5 @@
 """Issue 5: `make bench-paper` keeps each finished condition, re-runs only what is missing, refuses to mix
-step budgets or entropy bonuses in one results directory, and writes its table and plot. A tiny budget on
+step budgets, entropy bonuses or segment lengths in one results directory, and writes its table and plot. A tiny budget on
 HalfCheetah."""
 import json
 import os
@@ -58,6 +58,11 @@ def test_bench_paper_resumes_and_reports(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert other.returncode != 0 and "was trained with entropy bonus 0.01, not 0" in other.stdout + other.stderr
     assert not os.path.exists(os.path.join(out, "HalfCheetah-v5-true-s0"))  # refused before anything ran
+    # And another segment length: it changes what the labels say, so the label conditions are refused.
+    other = subprocess.run([sys.executable, "bench/bench_paper.py", *TINY, "--out", out], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600, env={**os.environ, "SEGMENT_SECONDS": "1"})
+    assert other.returncode != 0 and "was trained on 1.5 s segments, not 1 s" in other.stdout + other.stderr
+    assert records[names[1]]["segment_steps"] == 30 and "label segments of 1.5 s (HalfCheetah-v5)" in table
 
     # score_policies rates the runs' final policies with one run's reward model; --deterministic acts with the
     # mean action, so its episodes differ from the sampled ones.

@@ -313,9 +313,10 @@ def default_env_kwargs(env_id):
 # How much of the agent one segment shows, in seconds of simulated time. The paper's clips were 1.5 s of video
 # at a frame rate of its own per env (rl-teacher's envs.py), one env step per frame: HalfCheetah's 20 frames/s
 # is real time (30 steps), but Hopper's 40 frames/s showed 60 steps of 8 ms, i.e. 0.48 s of motion slowed down
-# about 3x. With 1.5 s of Hopper motion (187 steps) the agents learned at half the rate of PPO on the true
-# reward; with the paper's 60 steps they keep up (BENCHMARKS.md, "Segment length"). collect.py slows short
-# segments down the same way when it renders them for people.
+# about 3x. With 1.5 s of Hopper motion (188 steps) the agents climbed at half the rate of PPO on the true
+# reward in the first 200k steps; with the paper's 60 steps most seeds keep up, and a run takes half the time
+# (BENCHMARKS.md, "Hopper with the paper's 60-step segments"). collect.py slows short segments down the same
+# way when it renders them for people.
 DEFAULT_SEGMENT_SECONDS = 1.5
 SEGMENT_SECONDS = {"Hopper": 0.48}
 

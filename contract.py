@@ -419,7 +419,7 @@ def open_run(run_dir, env_id=None, seed=0, segment_seconds=None, create=True, en
     dt = float(env.unwrapped.dt)
     if segment_seconds is None:
         segment_seconds = default_segment_seconds(env_id)
-    segment_steps = max(2, int(round(segment_seconds / dt)))
+    segment_steps = seconds_to_steps(segment_seconds, dt)
     horizon = env.spec.max_episode_steps
     if horizon is not None and segment_steps > horizon:
         raise UserError(f"a {segment_seconds} s segment is {segment_steps} steps, longer than {env_id}'s "

@@ -797,15 +797,6 @@ def reward_input(obs, acts, inputs):
     return np.concatenate([obs, acts], axis=-1).astype(np.float32)
 
 
-def step_reward_input(obs, acts, next_obs, inputs):
-    """The reward model's input (N, in_dim) for N env steps obs --acts--> next_obs (each (N, ...)) that a policy
-    is rewarded for: with inputs="obs" the observation the action led to, so that an action changes the
-    reward of its own step, as it changes the env's reward (rewarded with the state it started from, PPO would
-    see an action's effect only one step later, through the critic; measured in BENCHMARKS.md, "Which state
-    the reward is of"); with "obs+act" the paper's r(o_t, a_t)."""
-    return reward_input(next_obs if inputs == "obs" else obs, acts, inputs)
-
-
 def load_reward_model(run_dir):
     """The run's saved reward ensemble, or None if train_reward.py has not run yet."""
     path = os.path.join(run_dir, REWARD_MODEL)

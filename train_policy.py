@@ -161,19 +161,15 @@ class Rollouts:
                 value = net.critic(obs).squeeze(-1)
             env_action = np.clip(action.numpy(), self.low, self.high)
             next_raw, true_reward, terminated, truncated, info = self.envs.step(env_action)
-            done = np.logical_or(terminated, truncated)
             if reward_model is not None:
-                # Where an episode ended the action led to its final observation, not the next one's first.
-                arrived = next_raw.copy()
-                for i in np.flatnonzero(done):
-                    arrived[i] = info["final_obs"][i]
-                x = C.step_reward_input(self.raw_obs, env_action, arrived, reward_model.inputs)
                 with torch.no_grad():
-                    learned = reward_model.normalized_reward(torch.as_tensor(x)).numpy()
+                    learned = reward_model.normalized_reward(
+                        torch.as_tensor(C.reward_input(self.raw_obs, env_action, reward_model.inputs))).numpy()
                 reward = learned
             else:
                 learned = np.full(n, np.nan)
                 reward = true_reward
+            done = np.logical_or(terminated, truncated)
             scaled = scale_rewards(reward, self.discounted, self.return_rms, done.astype(np.float64), args.gamma)
             # A time limit is not a real end: bootstrap from the value of the observation it cut off at.
             cut = np.flatnonzero(truncated & ~terminated)

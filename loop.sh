@@ -30,6 +30,8 @@ REWARD_FLAGS=${REWARD_FLAGS:-}            # more train_reward.py flags, e.g. "--
 NUM_ENVS=${NUM_ENVS:-8}
 ENT_COEF=${ENT_COEF:-0.01}                # the policy's entropy bonus: the paper's 0.01 keeps it exploring while
                                           # the reward model under it changes (0: PPO's usual none)
+ENT_ANNEAL=${ENT_ANNEAL:-1}               # 1: the bonus decays to 0 with the learning rate, so that the agent
+                                          # explores while the early models are rough and acts precisely at the end
 POLICY_FLAGS=${POLICY_FLAGS:-}            # more train_policy.py flags, e.g. "--overlap"
 EVAL_EPISODES=${EVAL_EPISODES:-5}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -67,7 +69,8 @@ while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
   round=$(( round + 1 ))
   target=$(( round * STEPS_PER_ROUND < TOTAL_STEPS ? round * STEPS_PER_ROUND : TOTAL_STEPS ))
   run "$PYTHON" train_policy.py --run "$RUN" --total-steps "$target" --anneal-steps "$TOTAL_STEPS" \
-      --num-envs "$NUM_ENVS" --ent-coef "$ENT_COEF" $POLICY_FLAGS
+      --num-envs "$NUM_ENVS" --ent-coef "$ENT_COEF" \
+      $( [ "$ENT_ANNEAL" = 1 ] && echo --ent-anneal ) $POLICY_FLAGS
 done
 
 run "$PYTHON" collect.py --run "$RUN" --evaluate "$EVAL_EPISODES" $( [ "$CLIPS" = 0 ] && echo --no-clips )

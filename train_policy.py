@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--update-epochs", type=int, default=10, help="epochs per rollout")
     p.add_argument("--clip-coef", type=float, default=0.2, help="surrogate clipping")
     p.add_argument("--ent-coef", type=float, default=0.0, help="entropy bonus")
+    p.add_argument("--ent-anneal", action="store_true",
+                   help="the entropy bonus decays to 0 with the learning rate: explore early, act precisely late")
     p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight")
     p.add_argument("--max-grad-norm", type=float, default=0.5, help="gradient clipping")
     p.add_argument("--target-kl", type=float, default=None, help="stop an update's epochs early above this KL")
@@ -83,6 +85,12 @@ def learning_rate(step, lr, anneal_steps):
     """Adam's learning rate at policy step `step`: lr decaying linearly to 0 at anneal_steps, or lr throughout
     when anneal_steps is 0."""
     return lr * max(0.0, 1.0 - step / anneal_steps) if anneal_steps else lr
+
+
+def entropy_coef(lr_now, args):
+    """The entropy bonus of an update at learning rate lr_now: --ent-coef, or with --ent-anneal the same share
+    of it as lr_now is of --lr (so it decays along the learning rate's schedule)."""
+    return args.ent_coef * (lr_now / args.lr) if args.ent_anneal else args.ent_coef
 
 
 def clipped_policy_loss(advantages, ratio, clip_coef):
@@ -325,10 +333,11 @@ class FlatAdam:
         self.steps = int(state["steps"])
 
 
-def ppo_update(net, optimizer, batch, args):
+def ppo_update(net, optimizer, batch, args, ent_coef=None):
     """--update-epochs passes over one rollout's batch (from Rollouts.collect) in shuffled minibatches.
     Returns the last minibatch's policy loss, value loss and approximate KL, and the mean clip fraction of
-    each epoch's last minibatch."""
+    each epoch's last minibatch. ent_coef: this update's entropy bonus (default: --ent-coef)."""
+    ent_coef = args.ent_coef if ent_coef is None else ent_coef
     advantages, returns = compute_gae(batch["rew"], batch["val"], batch["done"], batch["next_value"],
                                       batch["next_done"], args.gamma, args.gae_lambda)
     obs_dim, act_dim = batch["obs"].shape[-1], batch["act"].shape[-1]
@@ -358,8 +367,8 @@ def ppo_update(net, optimizer, batch, args):
             v_clipped = old_val + torch.clamp(new_value - old_val, -args.clip_coef, args.clip_coef)
             v_loss = 0.5 * torch.max((new_value - ret) ** 2, (v_clipped - ret) ** 2).mean()
             loss = pg_loss + args.vf_coef * v_loss
-            if args.ent_coef:  # skipped at 0, the default: on these tiny batches every op costs
-                loss = loss - args.ent_coef * gaussian_entropy(net.actor_logstd).mean()
+            if ent_coef:  # skipped at 0, the default: on these tiny batches every op costs
+                loss = loss - ent_coef * gaussian_entropy(net.actor_logstd).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step(args.max_grad_norm)
@@ -476,7 +485,8 @@ def main():
         optimizer.lr = learning_rate(global_step, args.lr, anneal_steps)
         batch, episodes = rollouts.collect(net)
         global_step += batch_size
-        pg_loss, v_loss, approx_kl, clip_fraction = ppo_update(net, optimizer, batch, args)
+        pg_loss, v_loss, approx_kl, clip_fraction = ppo_update(net, optimizer, batch, args,
+                                                               entropy_coef(optimizer.lr, args))
 
         recent_true += [e["true_return"] for e in episodes]
         sps = (global_step - start_step) / (time.time() - started)

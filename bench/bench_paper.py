@@ -9,8 +9,8 @@ Hopper-v5 (fixed horizon, as the paper did).
     python bench/bench_paper.py --report-only             # table and plot of what has finished so far
     python bench/bench_paper.py --envs HalfCheetah-v5 --labels 700 --teachers oracle mistake stochastic myopic skip equal
 
-Every condition trains the same PPO with the same entropy bonus (--ent-coef, loop.sh's 0.01), so that they
-differ in the reward only.
+Every condition trains the same PPO with the same entropy bonus (--ent-coef, loop.sh's 0.01, decaying to 0
+with the learning rate unless --no-ent-anneal), so that they differ in the reward only.
 
 Resumable: each condition lives in its own run directory under --out (by default one per step budget,
 bench/out/paper-500k) and is marked done by done.json; a re-run does only what is missing (and resumes
@@ -46,6 +46,8 @@ def parse_args():
     p.add_argument("--ent-coef", type=float, default=0.01,
                    help="the policy's entropy bonus in every condition, the true-reward one included, so that the "
                         "conditions differ in the reward only (loop.sh's ENT_COEF; 0: PPO's usual none)")
+    p.add_argument("--ent-anneal", action=argparse.BooleanOptionalAction, default=True,
+                   help="the bonus decays to 0 with the learning rate, in every condition (loop.sh's ENT_ANNEAL)")
     p.add_argument("--jobs", type=int, default=2, help="conditions run at once (one core each)")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default=None, help="results directory (default: bench/out/paper-<steps/1000>k)")
@@ -90,6 +92,10 @@ def finished_record(args, run):
     if record.get("ent_coef", args.ent_coef) != args.ent_coef:  # (records of before --ent-coef lack it)
         raise SystemExit(f"bench_paper: {run} was trained with entropy bonus {record['ent_coef']:g}, not "
                          f"{args.ent_coef:g}; give another --out")
+    if record.get("ent_anneal", False) != args.ent_anneal:  # (records of before --ent-anneal lack it)
+        raise SystemExit(f"bench_paper: {run} was trained with the entropy bonus "
+                         f"{'decaying' if record.get('ent_anneal') else 'constant'}, not "
+                         f"{'decaying' if args.ent_anneal else 'constant'}; give another --out")
     return record
 
 
@@ -104,11 +110,13 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
     started = time.time()
     log = open(os.path.join(args.out, name + ".log"), "a")
     # MUJOCO_GL from the caller when set: on a machine without EGL, "disable" runs the (clip-less) conditions
-    env = {"MUJOCO_GL": "egl", **os.environ, "OMP_NUM_THREADS": "1", "ENT_COEF": str(args.ent_coef)}
+    env = {"MUJOCO_GL": "egl", **os.environ, "OMP_NUM_THREADS": "1", "ENT_COEF": str(args.ent_coef),
+           "ENT_ANNEAL": str(int(args.ent_anneal))}
     python = sys.executable
     if labels is None:
         commands = [[python, "train_policy.py", "--run", run, "--env", env_id, "--seed", str(seed), "--reward",
-                     "true", "--total-steps", str(args.steps), "--ent-coef", str(args.ent_coef)],
+                     "true", "--total-steps", str(args.steps), "--ent-coef", str(args.ent_coef),
+                     *(["--ent-anneal"] if args.ent_anneal else [])],
                     [python, "collect.py", "--run", run, "--evaluate", str(args.eval_episodes), "--no-clips"]]
     else:
         env.update(RUN=run, ENV_ID=env_id, SEED=str(seed), LABELS=str(labels), TOTAL_STEPS=str(args.steps),
@@ -126,7 +134,8 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
     evaluation = [m for m in metrics if m["stage"] == "evaluate" and m["policy"] != "random"][-1]
     episodes = [m for m in metrics if m["stage"] == "train_policy"]
     record = {"env": env_id, "labels": labels, "seed": seed, "steps": args.steps, "teacher": teacher,
-              "ent_coef": args.ent_coef, "segment_steps": C.read_config(run)["segment_steps"],
+              "ent_coef": args.ent_coef, "ent_anneal": args.ent_anneal,
+              "segment_steps": C.read_config(run)["segment_steps"],
               "eval_true_return": evaluation["true_return_mean"],
               "train_true_return_last20": float(np.mean([e["true_return"] for e in episodes[-20:]])),
               "minutes": round((time.time() - started) / 60, 1)}
@@ -154,7 +163,9 @@ def report(args, records):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     lines = [f"Budget: {args.steps:,} policy steps per condition, seeds {args.seeds}, label rounds every "
-             f"{args.steps_per_round:,} steps, entropy bonus {args.ent_coef:g} in every condition, true return = "
+             f"{args.steps_per_round:,} steps, entropy bonus {args.ent_coef:g}"
+             f"{' decaying to 0 with the learning rate' if args.ent_anneal else ''} in every condition, "
+             f"true return = "
              f"mean of {args.eval_episodes} evaluation episodes of the final policy (mean over seeds), label "
              f"segments of " + ", ".join(f"{segment_seconds(e):g} s ({e})" for e in args.envs) + ".", "",
              "| env | condition | final true return | per seed | ratio to true-reward RL |", "|---|---|---|---|---|"]

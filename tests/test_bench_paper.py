@@ -1,6 +1,6 @@
 """Issue 5: `make bench-paper` keeps each finished condition, re-runs only what is missing, refuses to mix
-step budgets, entropy bonuses or segment lengths in one results directory, and writes its table and plot. A tiny budget on
-HalfCheetah."""
+step budgets, entropy bonuses (or their schedules) or segment lengths in one results directory, and writes its
+table and plot. A tiny budget on HalfCheetah."""
 import json
 import os
 import subprocess
@@ -26,14 +26,16 @@ def test_bench_paper_resumes_and_reports(tmp_path):
         with open(os.path.join(out, name, "done.json")) as f:
             records[name] = json.load(f)
         assert records[name]["steps"] == 2048 and records[name]["seed"] == 0 and records[name]["ent_coef"] == 0.01
+        assert records[name]["ent_anneal"] is True
     assert records[names[1]]["labels"] == 6 and records[names[0]]["labels"] is None
     table = open(os.path.join(out, "paper.md")).read()
     assert "| HalfCheetah-v5 | RL on the true reward |" in table and "| 6 synthetic labels |" in table
     assert "Budget: 2,048 policy steps per condition, seeds [0]" in table
-    assert "entropy bonus 0.01 in every condition" in table
-    # Both kinds of condition trained with the bonus: the loop's policy and the true-reward baseline.
+    assert "entropy bonus 0.01 decaying to 0 with the learning rate in every condition" in table
+    # Both kinds of condition trained with the decaying bonus: the loop's policy and the true-reward baseline.
     for name in names:
-        assert "--ent-coef 0.01" in open(os.path.join(out, name + ".log")).read(), name
+        log = open(os.path.join(out, name + ".log")).read()
+        assert "--ent-coef 0.01" in log and "--ent-anneal" in log, name
     assert os.path.getsize(os.path.join(out, "paper.png")) > 1000
 
     # A re-run finds every condition done: nothing is trained again, nothing changes.
@@ -58,6 +60,10 @@ def test_bench_paper_resumes_and_reports(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert other.returncode != 0 and "was trained with entropy bonus 0.01, not 0" in other.stdout + other.stderr
     assert not os.path.exists(os.path.join(out, "HalfCheetah-v5-true-s0"))  # refused before anything ran
+    # And a constant bonus where the finished runs had a decaying one.
+    other = subprocess.run([sys.executable, "bench/bench_paper.py", *TINY, "--no-ent-anneal", "--out", out],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and "entropy bonus decaying, not constant" in other.stdout + other.stderr
     # And another segment length: it changes what the labels say, so the label conditions are refused.
     other = subprocess.run([sys.executable, "bench/bench_paper.py", *TINY, "--out", out], cwd=ROOT,
                            capture_output=True, text=True, timeout=600, env={**os.environ, "SEGMENT_SECONDS": "1"})

@@ -51,6 +51,37 @@ def test_learning_rate_decays_linearly_or_stays_constant():
     assert train_policy.learning_rate(10**9, 3e-4, 0) == 3e-4   # 0: constant
 
 
+def test_entropy_bonus_decays_with_the_learning_rate_only_when_asked():
+    args = train_policy.parse_args(["--run", "unused", "--ent-coef", "0.01", "--lr", "3e-4"])
+    assert train_policy.entropy_coef(1.5e-4, args) == 0.01  # default: constant
+    args.ent_anneal = True
+    for step, expected in [(0, 0.01), (250, 0.0075), (500, 0.005), (1000, 0.0), (1500, 0.0)]:
+        lr_now = train_policy.learning_rate(step, args.lr, 1000)
+        assert math.isclose(train_policy.entropy_coef(lr_now, args), expected, abs_tol=1e-12), step
+    assert train_policy.entropy_coef(train_policy.learning_rate(10**9, args.lr, 0), args) == 0.01  # constant lr
+
+
+def test_ppo_update_uses_the_entropy_bonus_it_is_given():
+    """A large bonus widens the policy's action noise; none leaves the objective to the advantages alone."""
+    torch.manual_seed(0)
+    obs_dim, act_dim, T, N = 3, 2, 16, 2
+    batch = {"obs": torch.randn(T, N, obs_dim), "act": torch.randn(T, N, act_dim), "logp": torch.zeros(T, N),
+             "rew": torch.zeros(T, N), "val": torch.zeros(T, N), "done": torch.zeros(T, N),
+             "next_value": torch.zeros(N), "next_done": torch.zeros(N)}
+    args = train_policy.parse_args(["--run", "unused", "--num-minibatches", "2", "--update-epochs", "2"])
+    logstds = {}
+    for ent_coef in (0.0, 10.0):
+        torch.manual_seed(1)
+        net = C.build_actor_critic(obs_dim, act_dim)
+        optimizer = train_policy.FlatAdam(net, lr=1e-2)
+        batch["logp"] = train_policy.gaussian_log_prob(net.actor_mean(batch["obs"]),
+                                                       net.actor_logstd.expand(T, N, act_dim),
+                                                       batch["act"]).detach()
+        train_policy.ppo_update(net, optimizer, batch, args, ent_coef)
+        logstds[ent_coef] = net.actor_logstd.detach().clone()
+    assert (logstds[10.0] > logstds[0.0] + 0.01).all()
+
+
 def test_clipped_objective_matches_hand_computation():
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
     ratio = torch.tensor([1.5, 0.5, 0.9, 1.1])

@@ -17,6 +17,9 @@ TOTAL_STEPS=${TOTAL_STEPS:-500000}        # policy environment steps in all
 STEPS_PER_ROUND=${STEPS_PER_ROUND:-50000} # policy steps between two label rounds
 LABELS=${LABELS:-500}                     # label budget: pairs asked over the whole run
 PRETRAIN_FRACTION=${PRETRAIN_FRACTION:-0.25}  # share asked about the random policy before any RL
+LABEL_STEPS=${LABEL_STEPS:-}              # policy steps by which the whole budget is asked (default and most:
+                                          # the last round's); after that the reward model stays as it is, so
+                                          # the agent's reward stops moving under it (e.g. TOTAL_STEPS / 2)
 SELECTION=${SELECTION:-disagreement}      # random | disagreement
 TEACHER=${TEACHER:-oracle}                # oracle | synthetic (label.py teach $TEACHER_FLAGS) | human
 TEACHER_FLAGS=${TEACHER_FLAGS:-}          # e.g. "--mistake 0.1" or "--behaviour cheetah_backwards"
@@ -39,8 +42,10 @@ export MUJOCO_GL=${MUJOCO_GL:-egl}
 
 clip_flag=--no-clips
 if [ "$CLIPS" = 1 ] || { [ "$CLIPS" = auto ] && [ "$TEACHER" = human ]; }; then clip_flag=; fi
-# All labels are due by the last round's collect, so the budget is spent before training ends.
-schedule_end=$(( TOTAL_STEPS > STEPS_PER_ROUND ? TOTAL_STEPS - STEPS_PER_ROUND : 1 ))
+# All labels are due by LABEL_STEPS, or by the last round's collect, so the budget is spent before training ends.
+last_collect=$(( TOTAL_STEPS > STEPS_PER_ROUND ? TOTAL_STEPS - STEPS_PER_ROUND : 1 ))
+label_steps=${LABEL_STEPS:-$last_collect}
+schedule_end=$(( label_steps < 1 ? 1 : label_steps < last_collect ? label_steps : last_collect ))
 
 run() { echo "+ $*" >&2; "$@"; }
 
@@ -64,7 +69,7 @@ while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
     oracle) run "$PYTHON" label.py teach --run "$RUN" ;;
     *) run "$PYTHON" label.py teach --run "$RUN" $TEACHER_FLAGS ;;
   esac
-  run "$PYTHON" train_reward.py --run "$RUN" ${REWARD_INPUTS:+--inputs "$REWARD_INPUTS"} ${REWARD_STEPS:+--steps "$REWARD_STEPS"} \
+  run "$PYTHON" train_reward.py --run "$RUN" --if-new-labels ${REWARD_INPUTS:+--inputs "$REWARD_INPUTS"} ${REWARD_STEPS:+--steps "$REWARD_STEPS"} \
       $REWARD_FLAGS
   round=$(( round + 1 ))
   target=$(( round * STEPS_PER_ROUND < TOTAL_STEPS ? round * STEPS_PER_ROUND : TOTAL_STEPS ))

@@ -11,8 +11,9 @@ where eps (default 0.1) is the chance that the teacher answered at random. `equa
 loss stays within 1.1-1.5x its training loss (the paper's rule; the coefficients carry over to the next
 round). A call trains --epochs passes over the labels, but at least --min-steps steps: ~50 L2 adaptations,
 which the rule needs to settle from where the last round left it. Training warm-starts from the previous
-round's model. Finally each member's output is normalised to zero mean and unit standard deviation over the
-states of the latest rounds; the policy is rewarded with the average of the normalised members.
+round's model; with --if-new-labels a call does nothing if that model was fitted to exactly these answers.
+Finally each member's output is normalised to zero mean and unit standard deviation over the states of the
+latest rounds; the policy is rewarded with the average of the normalised members.
 
     python train_reward.py --run data/cheetah
 
@@ -20,6 +21,8 @@ Reads: config.json, segments/, queries.jsonl, labels.jsonl, reward_model.pt.
 Writes: reward_model.pt, metrics.jsonl.
 """
 import argparse
+import hashlib
+import json
 import math
 import os
 import time
@@ -58,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--normalize-rounds", type=int, default=3,
                    help="normalise each member's output over the states of this many latest rounds")
     p.add_argument("--fresh", action="store_true", help="start from a new model instead of the saved one")
+    p.add_argument("--if-new-labels", action="store_true",
+                   help="do nothing if the saved model was fitted to exactly these labels (loop.sh: once the "
+                        "label budget is spent, the agent's reward stops changing)")
     p.add_argument("--seed", type=int, default=None, help="default: the run's seed")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (small nets: 1 is fastest)")
     args = p.parse_args(argv)
@@ -261,12 +267,19 @@ def normalize_output(model, x):
         model.out_std.copy_(out.std(1).clamp_min(1e-6))
 
 
+def labels_digest(labels):
+    """A fingerprint of the answers a model is fitted to: which query, which choice, in file order."""
+    answers = [[l["query_id"], l["choice"]] for l in labels]
+    return hashlib.sha256(json.dumps(answers).encode()).hexdigest()
+
+
 def save_model(path, model, l2, labels):
-    """Write reward_model.pt (README.md, "The data contract"); contract.load_reward_model reads it."""
+    """Write reward_model.pt (README.md, "The data contract"); contract.load_reward_model reads it.
+    labels: the usable label records the model was fitted to."""
     C.save_torch_atomic(path, {"model": model.state_dict(), "members": model.members, "hidden": model.hidden,
                                "layers": model.layers, "in_dim": model.in_dim, "inputs": model.inputs,
-                               "l2": [float(v) for v in l2],
-                               "labels": labels, "format_version": C.FORMAT_VERSION})
+                               "l2": [float(v) for v in l2], "labels": len(labels),
+                               "labels_digest": labels_digest(labels), "format_version": C.FORMAT_VERSION})
 
 
 def in_range_share(ratios, target_ratio):
@@ -319,6 +332,10 @@ def main():
         saved = C.reward_model_from_checkpoint(ckpt, path)
         if (saved.members, saved.hidden, saved.layers, saved.in_dim, saved.inputs) == \
                 (args.members, args.hidden, args.layers, x.shape[-1], args.inputs):
+            if args.if_new_labels and ckpt.get("labels_digest") == labels_digest(labels):
+                print(f"train_reward: no new labels since {C.REWARD_MODEL} was fitted ({len(labels)}); "
+                      f"it stays as it is")
+                return
             model, l2 = saved, ckpt["l2"]
         else:
             print(f"train_reward: {path} has another architecture or inputs, so training starts afresh")
@@ -328,7 +345,7 @@ def main():
     recent = segments["round"] >= segments["round"].max() - args.normalize_rounds + 1
     normalize_output(model, x[torch.as_tensor(recent)])
 
-    save_model(path, model, l2, len(labels))
+    save_model(path, model, l2, labels)
     ratio = figures["val_loss"] / figures["train_loss"]  # (K,): what the L2 rule steers into range
     log = dict(labels=len(labels), steps=report["steps"], epochs=round(report["epochs"], 1),
                **{k: mean_or_none(v) for k, v in figures.items()}, l2=[float(v) for v in l2],

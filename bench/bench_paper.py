@@ -40,6 +40,9 @@ def parse_args():
     p.add_argument("--steps", type=int, default=500_000,
                    help="policy env steps of every condition (the default fits in 90 min on 2 cores)")
     p.add_argument("--steps-per-round", type=int, default=50_000, help="policy steps between label rounds")
+    p.add_argument("--label-steps", type=int, default=None,
+                   help="policy steps by which a label condition has asked its whole budget; the reward model "
+                        "stays as it is after that (loop.sh's LABEL_STEPS; default: the last round's step)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--teachers", nargs="+", default=["oracle"], choices=sorted(TEACHERS),
                    help="synthetic teachers of the label conditions (B-Pref's settings)")
@@ -55,6 +58,9 @@ def parse_args():
                    help="write the table and plot of the conditions finished so far, run nothing")
     args = p.parse_args()
     args.out = args.out or os.path.join(ROOT, "bench", "out", f"paper-{args.steps // 1000}k")
+    # As loop.sh clamps it: labels are never due after the last round's collect.
+    last_collect = max(1, args.steps - args.steps_per_round)
+    args.label_steps = last_collect if args.label_steps is None else min(last_collect, max(1, args.label_steps))
     return args
 
 
@@ -92,6 +98,11 @@ def finished_record(args, run):
     if record.get("ent_coef", args.ent_coef) != args.ent_coef:  # (records of before --ent-coef lack it)
         raise SystemExit(f"bench_paper: {run} was trained with entropy bonus {record['ent_coef']:g}, not "
                          f"{args.ent_coef:g}; give another --out")
+    # (records of before --label-steps lack it: their labels were due until the last round's collect)
+    label_steps = record.get("label_steps", max(1, record["steps"] - args.steps_per_round))
+    if record["labels"] is not None and label_steps != args.label_steps:
+        raise SystemExit(f"bench_paper: {run} asked its labels until step {label_steps:,}, not "
+                         f"{args.label_steps:,}; give another --out")
     if record.get("ent_anneal", False) != args.ent_anneal:  # (records of before --ent-anneal lack it)
         raise SystemExit(f"bench_paper: {run} was trained with the entropy bonus "
                          f"{'decaying' if record.get('ent_anneal') else 'constant'}, not "
@@ -120,9 +131,9 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
                     [python, "collect.py", "--run", run, "--evaluate", str(args.eval_episodes), "--no-clips"]]
     else:
         env.update(RUN=run, ENV_ID=env_id, SEED=str(seed), LABELS=str(labels), TOTAL_STEPS=str(args.steps),
-                   STEPS_PER_ROUND=str(args.steps_per_round), CLIPS="0", EVAL_EPISODES=str(args.eval_episodes),
-                   PYTHON=python, TEACHER="oracle" if teacher == "oracle" else "synthetic",
-                   TEACHER_FLAGS=TEACHERS[teacher])
+                   STEPS_PER_ROUND=str(args.steps_per_round), LABEL_STEPS=str(args.label_steps), CLIPS="0",
+                   EVAL_EPISODES=str(args.eval_episodes), PYTHON=python,
+                   TEACHER="oracle" if teacher == "oracle" else "synthetic", TEACHER_FLAGS=TEACHERS[teacher])
         commands = [["bash", "loop.sh"]]
     for command in commands:
         log.write("+ " + " ".join(command) + "\n")  # as loop.sh logs its commands
@@ -135,6 +146,7 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
     episodes = [m for m in metrics if m["stage"] == "train_policy"]
     record = {"env": env_id, "labels": labels, "seed": seed, "steps": args.steps, "teacher": teacher,
               "ent_coef": args.ent_coef, "ent_anneal": args.ent_anneal,
+              **({} if labels is None else {"label_steps": args.label_steps}),
               "segment_steps": C.read_config(run)["segment_steps"],
               "eval_true_return": evaluation["true_return_mean"],
               "train_true_return_last20": float(np.mean([e["true_return"] for e in episodes[-20:]])),
@@ -163,7 +175,8 @@ def report(args, records):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     lines = [f"Budget: {args.steps:,} policy steps per condition, seeds {args.seeds}, label rounds every "
-             f"{args.steps_per_round:,} steps, entropy bonus {args.ent_coef:g}"
+             f"{args.steps_per_round:,} steps, all labels asked by step {args.label_steps:,}, entropy bonus "
+             f"{args.ent_coef:g}"
              f"{' decaying to 0 with the learning rate' if args.ent_anneal else ''} in every condition, "
              f"true return = "
              f"mean of {args.eval_episodes} evaluation episodes of the final policy (mean over seeds), label "

@@ -1,6 +1,6 @@
 """Issue 5: `make bench-paper` keeps each finished condition, re-runs only what is missing, refuses to mix
-step budgets, entropy bonuses (or their schedules) or segment lengths in one results directory, and writes its
-table and plot. A tiny budget on HalfCheetah."""
+step budgets, entropy bonuses (or their schedules), label schedules or segment lengths in one results
+directory, and writes its table and plot. A tiny budget on HalfCheetah."""
 import json
 import os
 import subprocess
@@ -28,6 +28,8 @@ def test_bench_paper_resumes_and_reports(tmp_path):
         assert records[name]["steps"] == 2048 and records[name]["seed"] == 0 and records[name]["ent_coef"] == 0.01
         assert records[name]["ent_anneal"] is True
     assert records[names[1]]["labels"] == 6 and records[names[0]]["labels"] is None
+    # One round: the labels are due by the first collect (loop.sh clamps LABEL_STEPS to the last round's).
+    assert records[names[1]]["label_steps"] == 1 and "label_steps" not in records[names[0]]
     table = open(os.path.join(out, "paper.md")).read()
     assert "| HalfCheetah-v5 | RL on the true reward |" in table and "| 6 synthetic labels |" in table
     assert "Budget: 2,048 policy steps per condition, seeds [0]" in table
@@ -69,6 +71,14 @@ def test_bench_paper_resumes_and_reports(tmp_path):
                            capture_output=True, text=True, timeout=600, env={**os.environ, "SEGMENT_SECONDS": "1"})
     assert other.returncode != 0 and "was trained on 1.5 s segments, not 1 s" in other.stdout + other.stderr
     assert records[names[1]]["segment_steps"] == 30 and "label segments of 1.5 s (HalfCheetah-v5)" in table
+    # And labels asked on another schedule (here: a record edited to say so).
+    done = os.path.join(out, names[1], "done.json")
+    with open(done, "w") as f:
+        json.dump({**records[names[1]], "label_steps": 999}, f)
+    other = bench(out)
+    assert other.returncode != 0 and "asked its labels until step 999, not 1" in other.stdout + other.stderr
+    with open(done, "w") as f:
+        json.dump(records[names[1]], f)
 
     # score_policies rates the runs' final policies with one run's reward model; --deterministic acts with the
     # mean action, so its episodes differ from the sampled ones.

@@ -252,3 +252,20 @@ def test_loop_end_to_end_on_a_tiny_budget(tmp_path):
     # A model that learned nothing agrees on 0.5 +- 0.04 of 150 pairs; loop seeds 0-3 scored 0.69-0.94 (any change
     # in the last bits of PPO's arithmetic redraws the whole run, so the bound leaves room below the seeds' range).
     assert n == 150 and agreement > 0.65, agreement
+
+
+@pytest.mark.slow
+def test_loop_asks_every_label_by_label_steps_and_then_keeps_the_reward_model(tmp_path):
+    run = str(tmp_path / "early")
+    env = {"RUN": run, "ENV_ID": "HalfCheetah-v5", "TOTAL_STEPS": "3072", "STEPS_PER_ROUND": "1024",
+           "LABEL_STEPS": "1024", "LABELS": "12", "NUM_ENVS": "2", "EVAL_EPISODES": "1", "PYTHON": PYTHON}
+    result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    queries = C.read_queries(run)
+    assert len(queries) == 12 and {q["round"] for q in queries.values()} == {0, 1}  # all asked by step 1024
+    assert "12 pairs asked so far, none due at policy step" in result.stdout + result.stderr  # round 2
+    assert "no new labels since reward_model.pt was fitted (12); it stays as it is" in result.stdout + result.stderr
+    fits = [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "train_reward"]
+    assert [m["labels"] for m in fits] == [3, 12]  # round 2 trained no model
+    assert C.policy_step(run) >= 3072

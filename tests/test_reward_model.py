@@ -179,7 +179,8 @@ def test_the_first_round_falls_back_to_random_selection_and_says_so(tmp_path, mo
     collect.main()
     assert "no reward model yet, so this round's pairs are chosen at random" in capsys.readouterr().out
     torch.manual_seed(0)
-    train_reward.save_model(os.path.join(run, C.REWARD_MODEL), C.build_reward_ensemble(17), [0.01] * 3, labels=3)
+    train_reward.save_model(os.path.join(run, C.REWARD_MODEL), C.build_reward_ensemble(17), [0.01] * 3,
+                            labels=[{"query_id": i, "choice": "left"} for i in range(3)])
     monkeypatch.setattr(sys, "argv", argv)
     collect.main()
     assert "no reward model" not in capsys.readouterr().out
@@ -226,7 +227,8 @@ def test_a_saved_ensemble_reloads_and_predicts_the_same_values(tmp_path):
     x, left, right, target, is_val, counts, _ = linear_reward_problem(n_pairs=60)
     model, l2, _ = train_reward.fit(x, left, right, target, is_val, counts, args_for("--steps", "20"))
     train_reward.normalize_output(model, x)
-    train_reward.save_model(str(tmp_path / C.REWARD_MODEL), model, l2, labels=60)
+    train_reward.save_model(str(tmp_path / C.REWARD_MODEL), model, l2,
+                            labels=[{"query_id": i, "choice": "right"} for i in range(60)])
     loaded = C.load_reward_model(str(tmp_path))
     assert (loaded.members, loaded.hidden, loaded.layers, loaded.in_dim) == (3, 64, 2, 6)
     states = torch.randn(500, 6) * 3
@@ -238,7 +240,7 @@ def test_a_saved_ensemble_reloads_and_predicts_the_same_values(tmp_path):
     assert checkpoint["l2"] == pytest.approx(list(l2)) and checkpoint["labels"] == 60
 
 
-def test_the_stage_trains_logs_its_figures_and_warm_starts(tmp_path, monkeypatch):
+def test_the_stage_trains_logs_its_figures_and_warm_starts(tmp_path, monkeypatch, capsys):
     """train_reward.py's main() on a run written by hand: two rounds of segments whose true reward is obs[0]."""
     run = str(tmp_path / "run")
     C.open_run(run, "HalfCheetah-v5", seed=0)
@@ -284,6 +286,22 @@ def test_the_stage_trains_logs_its_figures_and_warm_starts(tmp_path, monkeypatch
     assert abs(latest.mean().item()) < 1e-3  # normalised over the latest round's states (--normalize-rounds 1)
     np.testing.assert_allclose(members.std(1).numpy(), 1.0, atol=1e-3)
     assert json.dumps(logs[-1])  # the log is plain JSON
+
+    # --if-new-labels (loop.sh, once the budget is spent): the same answers leave the model as it is ...
+    path = os.path.join(run, C.REWARD_MODEL)
+    saved = open(path, "rb").read()
+    monkeypatch.setattr(sys, "argv", argv + ["--if-new-labels"])
+    train_reward.main()
+    assert "no new labels since reward_model.pt was fitted (80)" in capsys.readouterr().out
+    assert open(path, "rb").read() == saved and len(C.read_jsonl(os.path.join(run, C.METRICS))) == len(logs)
+    # ... but a changed answer is new, though the count stays: it withdraws one answer and gives the other.
+    flipped = C.read_labels(run)[0]
+    C.append_jsonl(os.path.join(run, C.LABELS), [
+        {"query_id": 0, "labeler": "oracle", "undo": True},
+        {**flipped, "choice": "right" if flipped["choice"] == "left" else "left"}])
+    monkeypatch.setattr(sys, "argv", argv + ["--if-new-labels"])
+    train_reward.main()
+    assert "80 labels, 100 steps" in capsys.readouterr().out and open(path, "rb").read() != saved
 
 
 def test_reward_inputs_are_the_observation_by_default_or_also_the_action(tmp_path, monkeypatch):

@@ -308,6 +308,15 @@ def main():
     labels = [l for l in C.read_labels(args.run, queries) if C.preference_target(l["choice"]) is not None]
     if not labels:
         raise C.UserError(f"{args.run} has no usable labels yet (left/right/equal); run label.py first")
+    path = os.path.join(args.run, C.REWARD_MODEL)
+    ckpt = C.load_torch(path, "reward model") if os.path.exists(path) and not args.fresh else None
+    saved = None if ckpt is None else C.reward_model_from_checkpoint(ckpt, path)
+    same_architecture = saved is not None and (saved.members, saved.hidden, saved.layers, saved.inputs) == \
+        (args.members, args.hidden, args.layers, args.inputs)
+    # Decided before the segments are read: once the budget is spent, loop.sh calls this every round.
+    if args.if_new_labels and same_architecture and ckpt.get("labels_digest") == labels_digest(labels):
+        print(f"train_reward: no new labels since {C.REWARD_MODEL} was fitted ({len(labels)}); it stays as it is")
+        return
     segments = C.load_segments(args.run)
     if segments is None:
         raise C.UserError(f"{args.run} has labels but no segment files; run collect.py first")
@@ -326,16 +335,8 @@ def main():
 
     # Warm start from the previous round unless the architecture changed.
     model, l2 = None, None
-    path = os.path.join(args.run, C.REWARD_MODEL)
-    if os.path.exists(path) and not args.fresh:
-        ckpt = C.load_torch(path, "reward model")
-        saved = C.reward_model_from_checkpoint(ckpt, path)
-        if (saved.members, saved.hidden, saved.layers, saved.in_dim, saved.inputs) == \
-                (args.members, args.hidden, args.layers, x.shape[-1], args.inputs):
-            if args.if_new_labels and ckpt.get("labels_digest") == labels_digest(labels):
-                print(f"train_reward: no new labels since {C.REWARD_MODEL} was fitted ({len(labels)}); "
-                      f"it stays as it is")
-                return
+    if saved is not None:
+        if same_architecture and saved.in_dim == x.shape[-1]:
             model, l2 = saved, ckpt["l2"]
         else:
             print(f"train_reward: {path} has another architecture or inputs, so training starts afresh")

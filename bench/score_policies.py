@@ -26,21 +26,26 @@ import contract as C  # noqa: E402
 
 
 def episode_rewards(env, policy, reward_model, seed, deterministic=False):
-    """One whole episode of T steps: (true rewards (T,), learned rewards (T,))."""
+    """One whole episode of T steps: (true rewards (T,), learned rewards (T,), terms), where terms sums each
+    of the env's reward terms over the episode ({"forward": ..., "ctrl": ...}: the info entries "reward_*"
+    that MuJoCo envs report, whose sum is the true reward)."""
     import torch
     obs, _ = env.reset(seed=seed)
-    observations, actions, true_rewards, done = [], [], [], False
+    observations, actions, true_rewards, terms, done = [], [], [], {}, False
     while not done:
         action = policy.act(obs[None], deterministic=deterministic)[0]
         observations.append(obs)
         actions.append(action)
-        obs, reward, terminated, truncated, _ = env.step(action)
+        obs, reward, terminated, truncated, info = env.step(action)
         true_rewards.append(float(reward))
+        for key in info:
+            if key.startswith("reward_"):
+                terms[key[len("reward_"):]] = terms.get(key[len("reward_"):], 0.0) + float(info[key])
         done = terminated or truncated
     x = torch.as_tensor(C.reward_input(np.array(observations), np.array(actions), reward_model.inputs))
     with torch.no_grad():
         learned_rewards = reward_model.normalized_reward(x.float()).numpy()
-    return np.array(true_rewards), learned_rewards
+    return np.array(true_rewards), learned_rewards, terms
 
 
 def main():
@@ -64,8 +69,8 @@ def main():
     obs_dim, act_dim = config["obs_shape"][0], config["act_shape"][0]
     lines = [f"{config['env_id']}, reward model of {args.reward_model} ({reward_model.inputs}), "
              f"{args.episodes} episodes per policy, {'mean' if args.deterministic else 'sampled'} actions.", "",
-             "| policy of | policy step | true return | learned return | corr(learned, true) per step |",
-             "|---|---|---|---|---|"]
+             "| policy of | policy step | true return | learned return | corr(learned, true) per step "
+             "| the true return's terms |", "|---|---|---|---|---|---|"]
     for run in args.policies:
         other = C.read_config(run)
         if (other["env_id"], other["env_kwargs"]) != (config["env_id"], config["env_kwargs"]):
@@ -76,11 +81,12 @@ def main():
                                     seed=args.seed)
         episodes = [episode_rewards(env, policy, reward_model, args.seed + i, args.deterministic)
                     for i in range(args.episodes)]
-        scores = np.array([(true.sum(), learned.sum()) for true, learned in episodes])
-        correlation = np.corrcoef(np.concatenate([true for true, _ in episodes]),
-                                  np.concatenate([learned for _, learned in episodes]))[0, 1]
+        scores = np.array([(true.sum(), learned.sum()) for true, learned, _ in episodes])
+        correlation = np.corrcoef(np.concatenate([true for true, _, _ in episodes]),
+                                  np.concatenate([learned for _, learned, _ in episodes]))[0, 1]
+        terms = ", ".join(f"{key} {np.mean([t[key] for _, _, t in episodes]):.0f}" for key in episodes[0][2])
         lines.append(f"| {run} | {checkpoint['global_step']} | {scores[:, 0].mean():.0f} +- {scores[:, 0].std():.0f} "
-                     f"| {scores[:, 1].mean():.0f} +- {scores[:, 1].std():.0f} | {correlation:.2f} |")
+                     f"| {scores[:, 1].mean():.0f} +- {scores[:, 1].std():.0f} | {correlation:.2f} | {terms} |")
         print(f"score_policies: {run}: true {scores[:, 0].mean():.1f}, learned {scores[:, 1].mean():.1f}",
               file=sys.stderr, flush=True)
     env.close()

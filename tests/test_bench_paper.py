@@ -97,5 +97,45 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     (sampled, sampled_rows), (mean, mean_rows) = score(), score("--deterministic")
     assert "1 episodes per policy, sampled actions." in sampled and "1 episodes per policy, mean actions." in mean
     assert sampled_rows != mean_rows
-    for row in sampled_rows + mean_rows:  # the last column: a correlation of learned with true step rewards
-        assert -1.0 <= float(row.split(" | ")[-1].rstrip(" |")) <= 1.0
+    for row in sampled_rows + mean_rows:
+        cells = row.strip("| ").split(" | ")
+        assert -1.0 <= float(cells[4]) <= 1.0  # a correlation of learned with true step rewards
+        # HalfCheetah's reward terms, which add up to the true return (each rounded to a whole number)
+        terms = dict(item.split(" ") for item in cells[5].split(", "))
+        assert sorted(terms) == ["ctrl", "forward"] and float(terms["ctrl"]) <= 0
+        assert abs(sum(map(float, terms.values())) - float(cells[2].split(" +- ")[0])) <= 1.5
+
+    # fixed_reward trains PPO from scratch on a run's final reward model, held fixed, or on one fitted afresh
+    # to its labels; it keeps what is done and refuses to mix settings in one directory.
+    def fixed(out_dir, *flags):
+        return subprocess.run([sys.executable, "bench/fixed_reward.py", "--runs", labelled, "--out", out_dir,
+                               "--steps", "2048", "--eval-episodes", "1", *flags], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "MUJOCO_GL": "egl"})
+
+    fixed_out = str(tmp_path / "fixed")
+    first = fixed(fixed_out)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    run = os.path.join(fixed_out, "HalfCheetah-v5-6labels-s0")
+    record = json.load(open(os.path.join(run, "done.json")))
+    assert record["refit"] is None and record["steps"] == 2048 and record["ent_anneal"] is True
+    assert record["loop_true_return"] == records[names[1]]["eval_true_return"]
+    with open(os.path.join(labelled, "reward_model.pt"), "rb") as a, open(os.path.join(run, "reward_model.pt"),
+                                                                          "rb") as b:
+        assert a.read() == b.read()  # the run's own model, untouched
+    assert "--total-steps 2048 --ent-coef 0.01 --ent-anneal" in open(run + ".log").read()
+    table = open(os.path.join(fixed_out, "fixed_reward.md")).read()
+    assert "(the run's own final model)" in table and "| HalfCheetah-v5-6labels-s0 |" in table
+    mtime = os.path.getmtime(os.path.join(run, "policy.pt"))
+    again = fixed(fixed_out)
+    assert again.returncode == 0 and "done:" not in again.stdout
+    assert os.path.getmtime(os.path.join(run, "policy.pt")) == mtime
+    other = fixed(fixed_out, "--refit", "--layers 1")
+    assert other.returncode != 0 and "made with other settings" in other.stdout + other.stderr
+    refit_out = str(tmp_path / "refit")
+    refit = fixed(refit_out, "--refit", "--layers 1")
+    assert refit.returncode == 0, refit.stdout[-2000:] + refit.stderr[-2000:]
+    refit_run = os.path.join(refit_out, "HalfCheetah-v5-6labels-s0")
+    assert "train_reward.py --run " + refit_run + " --fresh --layers 1" in open(refit_run + ".log").read()
+    assert json.load(open(os.path.join(refit_run, "done.json")))["refit"] == "--layers 1"
+    assert "fitted afresh with train_reward.py --fresh --layers 1" in open(
+        os.path.join(refit_out, "fixed_reward.md")).read()

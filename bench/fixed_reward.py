@@ -1,0 +1,125 @@
+"""Is a run's reward model a good reward to learn from? PPO from scratch on it, held fixed.
+
+For each finished run of the loop, copies its reward model (or, with --refit, fits a fresh one to the run's
+labels with the given train_reward.py flags) into a new run directory and trains PPO from scratch on it for
+--steps steps, the model never changing, with the flags bench_paper.py gives its true-reward condition (same
+entropy bonus, same seed); then evaluates the final policy's true return. Compare with the loop run itself,
+whose reward moved every round, and with PPO on the true reward: a model that rates good behaviour highly but
+leads PPO from scratch elsewhere is a poorly shaped reward, not merely a late one.
+
+    python bench/fixed_reward.py --out bench/out/fixed-final --runs bench/out/entanneal/HalfCheetah-v5-700labels-s*
+    python bench/fixed_reward.py --out bench/out/refit-obs+act --refit "--inputs obs+act" --runs ...
+
+Resumable: each result lives in <out>/<name of the run> and is marked done by done.json; a re-run does only
+what is missing, and refuses an --out made with other --refit flags or another budget. Prints a markdown
+table (and writes it to <out>/fixed_reward.md): per run, the loop's own final true return (from its done.json,
+if bench_paper.py made it) and that of PPO on the fixed model.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import contract as C  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True, help="finished loop run directories")
+    p.add_argument("--out", required=True, help="results directory")
+    p.add_argument("--refit", default=None, metavar="FLAGS",
+                   help='fit a fresh model to the run\'s labels with these train_reward.py flags ("" for its '
+                        "defaults) instead of taking the run's own reward_model.pt")
+    p.add_argument("--steps", type=int, default=500_000, help="PPO steps from scratch")
+    p.add_argument("--ent-coef", type=float, default=0.01, help="entropy bonus (bench_paper.py's)")
+    p.add_argument("--ent-anneal", action=argparse.BooleanOptionalAction, default=True,
+                   help="the bonus decays to 0 with the learning rate (bench_paper.py's default)")
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one core each)")
+    return p.parse_args()
+
+
+def run_one(args, source):
+    """Train and evaluate PPO on source's (or a refitted) fixed reward model; returns the done.json record."""
+    name = os.path.basename(os.path.normpath(source))
+    run = os.path.join(args.out, name)
+    settings = {"source": os.path.abspath(source), "refit": args.refit, "steps": args.steps,
+                "ent_coef": args.ent_coef, "ent_anneal": args.ent_anneal}
+    done = os.path.join(run, "done.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            record = json.load(f)
+        if {k: record.get(k) for k in settings} != settings:
+            raise SystemExit(f"fixed_reward: {run} was made with other settings "
+                             f"({ {k: record.get(k) for k in settings} }); give another --out")
+        return record
+    shutil.rmtree(run, ignore_errors=True)  # an interrupted one starts again: its policy.pt is half-trained
+    os.makedirs(run)
+    files = [C.CONFIG] + ([C.SEGMENTS_DIR, C.QUERIES, C.LABELS] if args.refit is not None else [C.REWARD_MODEL])
+    for f in files:
+        (shutil.copytree if os.path.isdir(os.path.join(source, f)) else shutil.copy)(
+            os.path.join(source, f), os.path.join(run, f))
+    python, started = sys.executable, time.time()
+    commands = ([[python, "train_reward.py", "--run", run, "--fresh", *args.refit.split()]]
+                if args.refit is not None else [])
+    commands += [[python, "train_policy.py", "--run", run, "--reward", "learned", "--total-steps", str(args.steps),
+                  "--ent-coef", str(args.ent_coef), *(["--ent-anneal"] if args.ent_anneal else []), "--no-plot"],
+                 [python, "collect.py", "--run", run, "--evaluate", str(args.eval_episodes), "--no-clips"]]
+    env = {"MUJOCO_GL": "egl", **os.environ, "OMP_NUM_THREADS": "1"}
+    with open(run + ".log", "a") as log:
+        for command in commands:
+            log.write("+ " + " ".join(command) + "\n")
+            log.flush()
+            if subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
+                raise RuntimeError(f"{name} failed; see {run}.log")
+    evaluation = [m for m in C.read_jsonl(os.path.join(run, C.METRICS), warn=False)
+                  if m["stage"] == "evaluate"][-1]
+    loop = None
+    if os.path.exists(os.path.join(source, "done.json")):
+        with open(os.path.join(source, "done.json")) as f:
+            loop = json.load(f)["eval_true_return"]
+    record = {**settings, "name": name, "loop_true_return": loop, "eval_true_return": evaluation["true_return_mean"],
+              "minutes": round((time.time() - started) / 60, 1)}
+    C.write_json_atomic(done, record)
+    print(f"done: {name}: true return {record['eval_true_return']:.1f} (the loop: {loop})", flush=True)
+    return record
+
+
+def main():
+    args = parse_args()
+    missing = [r for r in args.runs if not os.path.exists(os.path.join(r, C.LABELS if args.refit is not None
+                                                                           else C.REWARD_MODEL))]
+    if missing:
+        raise SystemExit(f"fixed_reward: {missing[0]} has no "
+                         f"{C.LABELS if args.refit is not None else C.REWARD_MODEL}")
+    os.makedirs(args.out, exist_ok=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        records = list(pool.map(lambda r: run_one(args, r), args.runs))
+    source = "fitted afresh with train_reward.py --fresh " + (args.refit or "(defaults)") if args.refit is not None \
+        else "the run's own final model"
+    lines = [f"PPO from scratch for {args.steps:,} steps on a fixed reward model ({source}), entropy bonus "
+             f"{args.ent_coef:g}{' decaying' if args.ent_anneal else ''}; true return = mean of "
+             f"{args.eval_episodes} evaluation episodes of the final policy.", "",
+             "| run | the loop | PPO on the fixed model |", "|---|---|---|"]
+    lines += [f"| {r['name']} | {'' if r['loop_true_return'] is None else round(r['loop_true_return'])} | "
+              f"{r['eval_true_return']:.0f} |" for r in records]
+    loops = [r["loop_true_return"] for r in records if r["loop_true_return"] is not None]
+    lines.append(f"| mean | {np.mean(loops):.0f} | {np.mean([r['eval_true_return'] for r in records]):.0f} |"
+                 if len(loops) == len(records) else
+                 f"| mean | | {np.mean([r['eval_true_return'] for r in records]):.0f} |")
+    table = "\n".join(lines) + "\n"
+    C.write_atomic(os.path.join(args.out, "fixed_reward.md"), table.encode())
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -775,9 +775,13 @@ def build_reward_ensemble(in_dim, members=3, hidden=64, layers=2, inputs="obs"):
                     x = torch.nn.functional.leaky_relu_(x, 0.01)  # in place: allocating costs ~8x the op
             return x.squeeze(-1)
 
+        def member_rewards(self, x):
+            """x (B, in_dim) -> (K, B): each member's output, normalised."""
+            return (self.forward(x) - self.out_mean[:, None]) / self.out_std[:, None]
+
         def normalized_reward(self, x):
             """x (B, in_dim) -> (B,): the members' outputs, each normalised, averaged."""
-            return ((self.forward(x) - self.out_mean[:, None]) / self.out_std[:, None]).mean(0)
+            return self.member_rewards(x).mean(0)
 
     return RewardEnsemble()
 

@@ -53,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--ent-coef", type=float, default=0.0, help="entropy bonus")
     p.add_argument("--ent-anneal", action="store_true",
                    help="the entropy bonus decays to 0 with the learning rate: explore early, act precisely late")
+    p.add_argument("--explore-coef", type=float, default=0.0,
+                   help="learned reward only: add this times the reward ensemble's disagreement (std of its "
+                        "members' normalised rewards), decaying to 0 with the learning rate, so that the agent "
+                        "visits what the model is unsure of and the next labels are asked there (RUNE)")
     p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight")
     p.add_argument("--max-grad-norm", type=float, default=0.5, help="gradient clipping")
     p.add_argument("--target-kl", type=float, default=None, help="stop an update's epochs early above this KL")
@@ -91,6 +95,15 @@ def entropy_coef(lr_now, args):
     """The entropy bonus of an update at learning rate lr_now: --ent-coef, or with --ent-anneal the same share
     of it as lr_now is of --lr (so it decays along the learning rate's schedule)."""
     return args.ent_coef * (lr_now / args.lr) if args.ent_anneal else args.ent_coef
+
+
+def exploration_coef(step, args):
+    """The weight of the reward ensemble's disagreement in the reward at policy step `step`: --explore-coef,
+    decaying as the learning rate does (linearly to 0 at --anneal-steps, default --total-steps; constant if
+    that is 0). Early models are unsure of much, and the bonus pays the agent to show them; the final agent
+    should maximise the reward alone."""
+    anneal_steps = args.total_steps if args.anneal_steps is None else args.anneal_steps
+    return learning_rate(step, args.explore_coef, anneal_steps)
 
 
 def clipped_policy_loss(advantages, ratio, clip_coef):
@@ -152,12 +165,13 @@ class Rollouts:
         to the action bounds), logp, val, rew (scaled, plus gamma * V(final observation) where a time limit
         cut the episode) and done (1 where an episode had ended before that step), each (T, N); next_value and
         next_done (N,) for the state after the last step. episodes: one dict per episode that ended, with its
-        true and learned return."""
+        true and learned return (the learned one without --explore-coef's bonus)."""
         args, n, reward_model = self.args, self.args.num_envs, self.reward_model
         obs_buf = torch.zeros((args.num_steps, n, self.raw_obs.shape[1]))
         act_buf = torch.zeros((args.num_steps, n, self.low.shape[0]))
         logp_buf, rew_buf, done_buf, val_buf = (torch.zeros((args.num_steps, n)) for _ in range(4))
         episodes = []
+        explore_coef = exploration_coef(self.step, args) if reward_model is not None else 0.0
         for t in range(args.num_steps):
             self.obs_rms.update(self.raw_obs)
             obs = torch.as_tensor(C.normalize_obs(self.raw_obs, self.obs_rms))
@@ -171,9 +185,10 @@ class Rollouts:
             next_raw, true_reward, terminated, truncated, info = self.envs.step(env_action)
             if reward_model is not None:
                 with torch.no_grad():
-                    learned = reward_model.normalized_reward(
-                        torch.as_tensor(C.reward_input(self.raw_obs, env_action, reward_model.inputs))).numpy()
-                reward = learned
+                    members = reward_model.member_rewards(
+                        torch.as_tensor(C.reward_input(self.raw_obs, env_action, reward_model.inputs)))
+                learned = members.mean(0).numpy()
+                reward = learned + explore_coef * members.std(0).numpy() if explore_coef else learned
             else:
                 learned = np.full(n, np.nan)
                 reward = true_reward
@@ -433,6 +448,8 @@ def main():
     if args.overlap and args.async_envs:
         raise C.UserError("--overlap and --async-envs do not combine: the rollout process cannot start its own "
                           "env processes")
+    if args.explore_coef and args.reward == "true":
+        raise C.UserError("--explore-coef needs the learned reward: it is the reward ensemble's disagreement")
     torch.set_num_threads(args.threads)
     config = C.open_run(args.run, args.env, args.seed, env_kwargs=args.env_kwargs)
     obs_dim, act_dim = config["obs_shape"][0], config["act_shape"][0]
@@ -446,6 +463,9 @@ def main():
         if reward_model.in_dim != expected:
             raise C.UserError(f"{C.REWARD_MODEL} expects {reward_model.in_dim} inputs, but {config['env_id']} "
                               f"gives it {expected} ({reward_model.inputs})")
+        if args.explore_coef and reward_model.members < 2:
+            raise C.UserError(f"--explore-coef needs a reward ensemble of at least 2 members; {C.REWARD_MODEL} "
+                              f"has {reward_model.members}")
 
     torch.manual_seed(config["seed"])  # before the network's random init, so that a seed fixes the whole run
     net = C.build_actor_critic(obs_dim, act_dim, args.hidden)

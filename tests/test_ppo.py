@@ -324,3 +324,62 @@ def test_a_failing_rollout_worker_is_reported_not_waited_for(tmp_path, monkeypat
     worker.send("Traceback (most recent call last):\nValueError: the env broke")
     with pytest.raises(RuntimeError, match="(?s)rollout worker failed.*the env broke"):
         rollouts.collect(net)
+
+
+def test_exploration_bonus_is_the_ensembles_disagreement_decaying_with_the_learning_rate(tmp_path, monkeypatch):
+    """--explore-coef adds c * (std of the members' normalised rewards) to the learned reward the policy is
+    trained on, c decaying with the learning rate; the learned return reported stays the model's alone."""
+    args = train_policy.parse_args(["--run", "unused", "--explore-coef", "0.5", "--total-steps", "1000"])
+    for step, expected in [(0, 0.5), (250, 0.375), (1000, 0.0), (1500, 0.0)]:
+        assert math.isclose(train_policy.exploration_coef(step, args), expected), step
+    args.anneal_steps = 0  # a constant learning rate: a constant bonus
+    assert train_policy.exploration_coef(10**9, args) == 0.5
+
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    run = str(tmp_path / "run")
+    for stage in (["collect.py", "--run", run, "--env", "InvertedPendulum-v5", "--segment-seconds", "0.1",
+                   "--pairs", "20", "--no-clips"],
+                  ["label.py", "teach", "--run", run], ["train_reward.py", "--run", run, "--steps", "20"]):
+        result = subprocess.run([sys.executable, *stage], cwd=ROOT, capture_output=True, text=True, env=env,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+    config, reward_model = C.read_config(run), C.load_reward_model(run)
+    seen = []
+    members = reward_model.member_rewards
+    monkeypatch.setattr(reward_model, "member_rewards", lambda x: seen.append(x.clone()) or members(x))
+    # Unscaled rewards, so that the bonus can be read off the batch.
+    monkeypatch.setattr(train_policy, "scale_rewards", lambda rewards, *rest, **kw: rewards.astype(np.float32))
+
+    def collect(coef):
+        args = train_policy.parse_args(["--run", run, "--num-envs", "2", "--num-steps", "8", "--total-steps",
+                                        "1000", "--explore-coef", str(coef)])
+        torch.manual_seed(0)
+        net = C.build_actor_critic(4, 1)
+        rollouts = train_policy.Rollouts(args, config, reward_model, C.RunningMeanStd((4,)), C.RunningMeanStd(()),
+                                         start_step=250)
+        seen.clear()
+        batch, episodes = rollouts.collect(net)
+        rollouts.close()
+        return batch, episodes, list(seen)
+
+    plain, plain_episodes, inputs = collect(0.0)
+    explored, explored_episodes, same_inputs = collect(0.5)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, same_inputs))  # the same states and actions
+    with torch.no_grad():
+        spread = torch.stack([members(x).std(0) for x in inputs])  # (T, N)
+    assert torch.all(spread > 0)
+    not_ended = plain["done"][1:] == 0  # (a step whose episode ended may carry a bootstrap: not compared)
+    bonus = (explored["rew"] - plain["rew"])[:-1][not_ended]
+    torch.testing.assert_close(bonus, (0.375 * spread)[:-1][not_ended], rtol=1e-4, atol=1e-5)
+    assert [e["learned_return"] for e in explored_episodes] == [e["learned_return"] for e in plain_episodes]
+
+    # Refused where there is no disagreement to add: the true reward, or an ensemble of one.
+    for flags, message in [(["--reward", "true"], "needs the learned reward"),
+                           ([], "at least 2 members")]:
+        if not flags:
+            subprocess.run([sys.executable, "train_reward.py", "--run", run, "--fresh", "--members", "1", "--steps",
+                            "5"], cwd=ROOT, capture_output=True, env=env, timeout=120, check=True)
+        result = subprocess.run([sys.executable, "train_policy.py", "--run", run, "--explore-coef", "0.5",
+                                 "--total-steps", "64", *flags], cwd=ROOT, capture_output=True, text=True, env=env,
+                                timeout=120)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr

@@ -59,9 +59,14 @@ def parse_args():
     args = p.parse_args()
     args.out = args.out or os.path.join(ROOT, "bench", "out", f"paper-{args.steps // 1000}k")
     # As loop.sh clamps it: labels are never due after the last round's collect.
-    last_collect = max(1, args.steps - args.steps_per_round)
-    args.label_steps = last_collect if args.label_steps is None else min(last_collect, max(1, args.label_steps))
+    last = last_collect(args.steps, args.steps_per_round)
+    args.label_steps = last if args.label_steps is None else min(last, max(1, args.label_steps))
     return args
+
+
+def last_collect(steps, steps_per_round):
+    """The policy step of loop.sh's last collect, by which it asks the whole label budget by default."""
+    return max(1, steps - steps_per_round)
 
 
 # B-Pref's imperfect teachers at the settings of Lee et al. (2021), as label.py teach flags.
@@ -99,7 +104,7 @@ def finished_record(args, run):
         raise SystemExit(f"bench_paper: {run} was trained with entropy bonus {record['ent_coef']:g}, not "
                          f"{args.ent_coef:g}; give another --out")
     # (records of before --label-steps lack it: their labels were due until the last round's collect)
-    label_steps = record.get("label_steps", max(1, record["steps"] - args.steps_per_round))
+    label_steps = record.get("label_steps", last_collect(record["steps"], args.steps_per_round))
     if record["labels"] is not None and label_steps != args.label_steps:
         raise SystemExit(f"bench_paper: {run} asked its labels until step {label_steps:,}, not "
                          f"{args.label_steps:,}; give another --out")

@@ -96,11 +96,10 @@ def run_one(args, source):
 
 def main():
     args = parse_args()
-    missing = [r for r in args.runs if not os.path.exists(os.path.join(r, C.LABELS if args.refit is not None
-                                                                           else C.REWARD_MODEL))]
+    needed = C.LABELS if args.refit is not None else C.REWARD_MODEL
+    missing = [r for r in args.runs if not os.path.exists(os.path.join(r, needed))]
     if missing:
-        raise SystemExit(f"fixed_reward: {missing[0]} has no "
-                         f"{C.LABELS if args.refit is not None else C.REWARD_MODEL}")
+        raise SystemExit(f"fixed_reward: {missing[0]} has no {needed}")
     os.makedirs(args.out, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         records = list(pool.map(lambda r: run_one(args, r), args.runs))
@@ -113,9 +112,8 @@ def main():
     lines += [f"| {r['name']} | {'' if r['loop_true_return'] is None else round(r['loop_true_return'])} | "
               f"{r['eval_true_return']:.0f} |" for r in records]
     loops = [r["loop_true_return"] for r in records if r["loop_true_return"] is not None]
-    lines.append(f"| mean | {np.mean(loops):.0f} | {np.mean([r['eval_true_return'] for r in records]):.0f} |"
-                 if len(loops) == len(records) else
-                 f"| mean | | {np.mean([r['eval_true_return'] for r in records]):.0f} |")
+    loop_mean = f"{np.mean(loops):.0f}" if len(loops) == len(records) else ""  # (only over the same runs)
+    lines.append(f"| mean | {loop_mean} | {np.mean([r['eval_true_return'] for r in records]):.0f} |")
     table = "\n".join(lines) + "\n"
     C.write_atomic(os.path.join(args.out, "fixed_reward.md"), table.encode())
     print(table)

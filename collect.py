@@ -61,6 +61,9 @@ def parse_args(argv=None):
                    help="how to choose pairs; disagreement needs a reward model and falls back to random")
     p.add_argument("--candidates-factor", type=at_least(1), default=10,
                    help="disagreement selection scores this many times more candidate pairs than it keeps")
+    p.add_argument("--mean-action-share", type=at_least(0.0, float), default=0.0,
+                   help="share of the rollout envs whose policy acts with its mean action instead of sampling, "
+                        "so that pairs also show the (usually better) behaviour the policy is heading for")
     p.add_argument("--no-clips", action="store_true", help="skip rendering (synthetic teachers need none)")
     p.add_argument("--clip-size", type=at_least(16), default=128, help="clip width and height in pixels")
     p.add_argument("--clip-fps", type=at_least(0.1, float), default=30.0,
@@ -74,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--clip-seconds", type=at_least(0.1, float), default=10.0,
                    help="length of the --evaluate clip")
     args = p.parse_args(argv)
+    if args.mean_action_share > 1:
+        p.error(f"argument --mean-action-share: must be at most 1, not {args.mean_action_share}")
     if args.pretrain_fraction > 1:
         p.error(f"argument --pretrain-fraction: must be at most 1, not {args.pretrain_fraction}")
     return args
@@ -94,21 +99,23 @@ def load_policy(args, config, action_space, seed):
     return policy, int(checkpoint["global_step"])
 
 
-def rollout_episodes(envs, policy, rng, seed, max_episodes_per_env):
+def rollout_episodes(envs, policy, rng, seed, max_episodes_per_env, mean_action_envs=0):
     """Run each env for up to `max_episodes_per_env` whole episodes (stepping all envs together, one batched
-    policy call per step). Returns a list of episodes, each a dict of per-step arrays: obs (T, obs_dim),
-    acts (T, act_dim), rewards (T,), qpos (T, nq), qvel (T, nv); the states are those *before* the action,
-    so that frame t shows what obs[t] describes."""
+    policy call per step); the last `mean_action_envs` envs act with the policy's mean action. Returns a
+    list of episodes, each a dict of per-step arrays: obs (T, obs_dim), acts (T, act_dim), rewards (T,),
+    qpos (T, nq), qvel (T, nv); the states are those *before* the action, so that frame t shows what obs[t]
+    describes."""
     n = len(envs)
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
     buffers = [{k: [] for k in ("obs", "acts", "rewards", "qpos", "qvel")} for _ in envs]
     episodes, finished = [], [0] * n
     space = envs[0].action_space
+    mean_rows = np.arange(n) >= n - mean_action_envs if mean_action_envs else None
     while min(finished) < max_episodes_per_env:
         if policy is None:
             actions = rng.uniform(space.low, space.high, size=(n,) + space.shape).astype(np.float32)
         else:
-            actions = policy.act(obs).astype(np.float32)
+            actions = policy.act(obs, mean_rows=mean_rows).astype(np.float32)
         for i, env in enumerate(envs):
             if finished[i] >= max_episodes_per_env:
                 continue
@@ -141,6 +148,11 @@ def cut_segments(episode, segment_steps, rng):
             for start in range(offset, length - segment_steps + 1, segment_steps)]
 
 
+def mean_action_envs(args, policy_step):
+    """How many of the rollout envs act with the policy's mean action (none while actions are random)."""
+    return round(args.mean_action_share * args.num_envs) if policy_step else 0
+
+
 def collect_segment_pool(args, config, needed, seed):
     """Roll out until at least `needed` segments are cut. Returns (pool dict of stacked arrays, policy_step,
     mean true return of the finished episodes). `seed` fixes everything: env resets, random or policy
@@ -153,7 +165,8 @@ def collect_segment_pool(args, config, needed, seed):
     rounds = math.ceil(needed / (per_episode * args.num_envs))
     segments, returns = [], []
     for attempt in range(50):  # short (terminating) episodes may need more rollouts than estimated
-        episodes = rollout_episodes(envs, policy, rng, seed + 1000 * attempt, rounds)
+        episodes = rollout_episodes(envs, policy, rng, seed + 1000 * attempt, rounds,
+                                    mean_action_envs(args, policy_step))
         returns += [float(e["rewards"].sum()) for e in episodes]
         for episode in episodes:
             segments += cut_segments(episode, config["segment_steps"], rng)
@@ -368,7 +381,8 @@ def collect(args, config):
     C.append_jsonl(os.path.join(args.run, C.QUERIES), records)
     C.log_metrics(args.run, "collect", round=round_index, policy_step=policy_step, pairs=len(records),
                   segments=len(used), pairs_total=len(queries) + len(records), selection=selection,
-                  rollout_true_return=mean_return, seconds=round(time.time() - started, 2))
+                  rollout_true_return=mean_return, mean_action_envs=mean_action_envs(args, policy_step),
+                  seconds=round(time.time() - started, 2))
     print(f"collect: round {round_index}, policy step {policy_step}, {len(records)} pairs ({selection}), "
           f"{len(used)} segments, {len(clips)} clips, {time.time() - started:.1f}s")
 

@@ -722,7 +722,9 @@ class PolicyForRollout:
         self.low, self.high = low, high
         self.generator = torch.Generator().manual_seed(seed)
 
-    def act(self, obs, deterministic=False):
+    def act(self, obs, deterministic=False, mean_rows=None):
+        """mean_rows: optional bool array (n,); those rows act with the mean action, the others sample (the
+        same random numbers are drawn either way, so the sampled rows do not depend on it)."""
         torch = _torch()
         with torch.no_grad():
             x = torch.as_tensor(normalize_obs(obs, self.obs_rms))
@@ -731,7 +733,10 @@ class PolicyForRollout:
                 action = mean
             else:
                 std = self.net.actor_logstd.expand_as(mean).exp()
-                action = mean + std * torch.randn(mean.shape, generator=self.generator)
+                noise = std * torch.randn(mean.shape, generator=self.generator)
+                if mean_rows is not None:
+                    noise[torch.as_tensor(np.asarray(mean_rows, bool))] = 0.0
+                action = mean + noise
         return np.clip(action.numpy(), self.low, self.high)
 
 

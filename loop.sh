@@ -35,6 +35,7 @@ ENT_COEF=${ENT_COEF:-0.01}                # the policy's entropy bonus: the pape
                                           # the reward model under it changes (0: PPO's usual none)
 ENT_ANNEAL=${ENT_ANNEAL:-1}               # 1: the bonus decays to 0 with the learning rate, so that the agent
                                           # explores while the early models are rough and acts precisely at the end
+COLLECT_FLAGS=${COLLECT_FLAGS:-}          # more collect.py flags, e.g. "--mean-action-share 0.5"
 POLICY_FLAGS=${POLICY_FLAGS:-}            # more train_policy.py flags, e.g. "--overlap"
 EVAL_EPISODES=${EVAL_EPISODES:-5}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -63,7 +64,8 @@ round=$(( step / STEPS_PER_ROUND < last_round ? step / STEPS_PER_ROUND : last_ro
 while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
   echo "=== round $round: policy step $(( round * STEPS_PER_ROUND ))/$TOTAL_STEPS" >&2
   run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" --num-envs "$NUM_ENVS" --label-budget "$LABELS" \
-      --schedule-steps "$schedule_end" --pretrain-fraction "$PRETRAIN_FRACTION" --selection "$SELECTION" $clip_flag
+      --schedule-steps "$schedule_end" --pretrain-fraction "$PRETRAIN_FRACTION" --selection "$SELECTION" $clip_flag \
+      $COLLECT_FLAGS
   case "$TEACHER" in
     human) run "$PYTHON" label.py wait --run "$RUN" --fraction "$HUMAN_FRACTION" ;;
     oracle) run "$PYTHON" label.py teach --run "$RUN" ;;

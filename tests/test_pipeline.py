@@ -84,6 +84,29 @@ def test_cut_segments_are_contiguous_non_overlapping_windows():
     assert collect.cut_segments(short, seg, rng) == []
 
 
+def test_mean_action_envs_act_with_the_mean_and_leave_the_sampled_envs_as_they_were():
+    import gymnasium as gym
+    net = C.build_actor_critic(10, 2, 8)
+    with torch.no_grad():
+        net.actor_logstd.fill_(-1.0)  # std 0.37: sampled actions differ from the mean, mostly within the bounds
+    checkpoint = {"model": net.state_dict(), "obs_rms": C.RunningMeanStd((10,)).state_dict(), "hidden": 8}
+    low, high = -np.ones(2, np.float32), np.ones(2, np.float32)
+
+    def rollout(mean_action_envs):
+        envs = [gym.make("Reacher-v5", max_episode_steps=20) for _ in range(3)]
+        policy = C.PolicyForRollout(checkpoint, 10, 2, low, high, seed=5)
+        return collect.rollout_episodes(envs, policy, np.random.default_rng(0), 0, 1, mean_action_envs)
+
+    sampled, mixed = rollout(0), rollout(1)
+    deterministic = C.PolicyForRollout(checkpoint, 10, 2, low, high)
+    # Reacher's episodes never terminate, so they all end together and episode i is env i's.
+    for i in range(2):  # the sampling envs drew the same noise as without the mean-action env
+        np.testing.assert_array_equal(mixed[i]["acts"], sampled[i]["acts"])
+    last = mixed[2]
+    np.testing.assert_allclose(last["acts"], deterministic.act(last["obs"], deterministic=True), atol=1e-6)
+    assert not np.allclose(sampled[2]["acts"], deterministic.act(sampled[2]["obs"], deterministic=True), atol=0.1)
+
+
 def test_pairs_due_follows_the_paper_schedule():
     class Args:
         pairs, label_budget, schedule_steps, pretrain_fraction, decay_steps = None, 400, 100_000, 0.25, None
@@ -255,10 +278,11 @@ def test_loop_end_to_end_on_a_tiny_budget(tmp_path):
 
 
 @pytest.mark.slow
-def test_loop_asks_every_label_by_label_steps_and_then_keeps_the_reward_model(tmp_path):
+def test_loop_asks_every_label_by_label_steps_and_then_keeps_the_reward_model_and_passes_collect_flags(tmp_path):
     run = str(tmp_path / "early")
     env = {"RUN": run, "ENV_ID": "HalfCheetah-v5", "TOTAL_STEPS": "3072", "STEPS_PER_ROUND": "1024",
-           "LABEL_STEPS": "1024", "LABELS": "12", "NUM_ENVS": "2", "EVAL_EPISODES": "1", "PYTHON": PYTHON}
+           "LABEL_STEPS": "1024", "LABELS": "12", "NUM_ENVS": "2", "EVAL_EPISODES": "1", "PYTHON": PYTHON,
+           "COLLECT_FLAGS": "--mean-action-share 0.5"}
     result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, **env})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -268,4 +292,14 @@ def test_loop_asks_every_label_by_label_steps_and_then_keeps_the_reward_model(tm
     assert "no new labels since reward_model.pt was fitted (12); it stays as it is" in result.stdout + result.stderr
     fits = [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "train_reward"]
     assert [m["labels"] for m in fits] == [3, 12]  # round 2 trained no model
+    collects = [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "collect"]
+    assert [m["mean_action_envs"] for m in collects] == [0, 1]  # COLLECT_FLAGS reached collect.py (not while random)
     assert C.policy_step(run) >= 3072
+
+
+@pytest.mark.parametrize("share", ["1.5", "-0.1", "nan"])
+def test_a_mean_action_share_outside_0_to_1_is_one_sentence(share, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        collect.parse_args(["--run", "unused", "--mean-action-share", share])
+    assert exit_info.value.code == 2
+    assert "--mean-action-share" in capsys.readouterr().err

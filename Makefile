@@ -46,7 +46,8 @@ bench-ppo: venv
 	$(PYTHON) bench/bench_ppo.py
 
 # PPO on the true reward at 1M steps, 3 seeds, against CleanRL's published returns. Hopper is the original,
-# terminating one here (as in the published results), not the loop's fixed horizon. ~25 min; resumes.
+# terminating one here, and both have gymnasium's own rewards (as in the published results), not the paper's
+# tasks of the loop (contract.TASK_KWARGS). ~25 min; resumes.
 # e.g. make bench-ppo-returns PPO_FLAGS=--overlap PPO_OUT=bench/out/ppo_returns-overlap
 PPO_FLAGS ?=
 PPO_OUT ?= bench/out/ppo_returns

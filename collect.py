@@ -45,8 +45,8 @@ def parse_args(argv=None):
                    help="segment duration of a new run, in simulated seconds (default: contract.SEGMENT_SECONDS, "
                         "the paper's: 0.48 s for Hopper, else 1.5 s)")
     p.add_argument("--env-kwargs", type=C.env_kwargs_flag, default=None,
-                   help="JSON keyword arguments for gym.make of a new run (default: the fixed horizon of "
-                        "contract.FIXED_HORIZON_KWARGS)")
+                   help="JSON keyword arguments for gym.make of a new run (default: the paper's task, "
+                        "contract.TASK_KWARGS; '{}' for gymnasium's own)")
     p.add_argument("--num-envs", type=at_least(1), default=8, help="environments rolled out side by side")
     p.add_argument("--pairs", type=at_least(0), default=None, help="number of pairs to ask about now")
     p.add_argument("--label-budget", type=at_least(0), default=None,

@@ -35,14 +35,26 @@ LEARNING_CURVE = "learning_curve.png"
 
 CHOICES = ("left", "right", "equal", "skip")
 
-# Envs that end an episode when the body falls over. Early termination leaks reward information (an agent
-# rewarded for anything learns to stay alive), so RLHF runs use a fixed horizon, as the paper did.
-FIXED_HORIZON_KWARGS = {
-    "Hopper": {"terminate_when_unhealthy": False},
+# The tasks as the paper posed them (its appendix, and rl-teacher's envs.py, the code its experiments ran on).
+# - A fixed horizon: early termination leaks reward information (an agent rewarded for anything learns to stay
+#   alive when falling over ends the episode), so every episode lasts its 1000 steps.
+# - No torque penalty in the reward: torques do not show in a clip, so a person, or a synthetic teacher standing
+#   in for one, cannot judge them, and the true reward should not count them either ("humans cannot see torque
+#   penalties", rl-teacher).
+# - Where the original ended the episode when the body fell, a reward the agent must learn instead: Hopper's
+#   reward is its forward velocity plus its torso's height (rl-teacher's NeverDone bonus; gymnasium's healthy
+#   reward of 1 per upright step, which a fallen agent forgoes all at once, is off).
+# HalfCheetah and Hopper, the paper benchmark's envs, follow the paper this far; the others only get the fixed
+# horizon. "height_reward_weight" is ours, not gym.make's: make_env adds that times the torso height qpos[1].
+TASK_KWARGS = {
+    "HalfCheetah": {"ctrl_cost_weight": 0.0},
+    "Hopper": {"terminate_when_unhealthy": False, "healthy_reward": 0.0, "ctrl_cost_weight": 0.0,
+               "height_reward_weight": 1.0},
     "Walker2d": {"terminate_when_unhealthy": False},
     "Ant": {"terminate_when_unhealthy": False},
     "Humanoid": {"terminate_when_unhealthy": False},
 }
+HEIGHT_REWARD_ENVS = ("Hopper", "Walker2d")  # planar bodies whose qpos[1] is the torso's height
 
 
 class UserError(Exception):
@@ -291,23 +303,44 @@ def log_metrics(run_dir, stage, **figures):
 
 def make_env(env_id, env_kwargs=None, render_size=None):
     """The one environment factory: same env, same kwargs, in every stage. render_size gives an offscreen
-    renderer of that many pixels square (MUJOCO_GL=egl, shadows off: they cost ~5x and show nothing)."""
+    renderer of that many pixels square (MUJOCO_GL=egl, shadows off: they cost ~5x and show nothing).
+    env_kwargs go to gym.make, except "height_reward_weight" (see TASK_KWARGS)."""
     import gymnasium as gym
     kwargs = dict(env_kwargs or {})
+    height_weight = kwargs.pop("height_reward_weight", None)
+    if height_weight is not None and (env_id.split("-")[0] not in HEIGHT_REWARD_ENVS
+                                      or not isinstance(height_weight, (int, float)) or isinstance(height_weight, bool)):
+        raise UserError(f"height_reward_weight must be a number and is for {' and '.join(HEIGHT_REWARD_ENVS)} "
+                        f"only, not {env_id} with {height_weight!r}")
     if render_size:
         os.environ.setdefault("MUJOCO_GL", "egl")
         kwargs.update(render_mode="rgb_array", width=render_size, height=render_size)
     try:
-        return gym.make(env_id, **kwargs)
+        env = gym.make(env_id, **kwargs)
     except (gym.error.Error, ImportError) as e:  # ImportError: an id of the form module:Name-v0
         reason = " ".join(str(e).split()).rstrip(".").replace(". ", "; ")
         raise UserError(f"unknown or unavailable environment id {env_id!r} ({reason})")
     except TypeError as e:
         raise UserError(f"environment {env_id!r} does not accept these arguments: {e}")
+    return _height_reward(env, height_weight) if height_weight else env
+
+
+def _height_reward(env, weight):
+    """env with weight * torso height (qpos[1] after the step, as rl-teacher's bonus) added to its reward, and
+    reported as info["reward_height"] beside the env's own reward terms."""
+    import gymnasium as gym
+
+    class HeightReward(gym.Wrapper):
+        def step(self, action):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            height = weight * float(self.env.unwrapped.data.qpos[1])
+            return obs, reward + height, terminated, truncated, {**info, "reward_height": height}
+
+    return HeightReward(env)
 
 
 def default_env_kwargs(env_id):
-    return dict(FIXED_HORIZON_KWARGS.get(env_id.split("-")[0], {}))
+    return dict(TASK_KWARGS.get(env_id.split("-")[0], {}))
 
 
 # How much of the agent one segment shows, in seconds of simulated time. The paper's clips were 1.5 s of video
@@ -392,7 +425,7 @@ def open_run(run_dir, env_id=None, seed=0, segment_seconds=None, create=True, en
     """Return the run's config, creating data/<run>/ and config.json on first use.
 
     A stage that names an env (--env) must match the run's; a run of another format version is refused.
-    env_kwargs (None: FIXED_HORIZON_KWARGS) are fixed when the run is created; other ones later are refused.
+    env_kwargs (None: TASK_KWARGS) are fixed when the run is created; other ones later are refused.
     segment_seconds (None: default_segment_seconds) is fixed when the run is created and ignored after.
     Nothing is written before the env id has been checked, so a mistyped one leaves no directory behind."""
     path = os.path.join(run_dir, CONFIG)

@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of a new run (stored in config.json)")
     p.add_argument("--env-kwargs", type=C.env_kwargs_flag, default=None,
                    help="JSON keyword arguments for gym.make of a new run, e.g. '{\"terminate_when_unhealthy\": "
-                        "true}' for the original Hopper (default: contract.FIXED_HORIZON_KWARGS)")
+                        "true}' for the original Hopper (default: the paper's task, contract.TASK_KWARGS)")
     p.add_argument("--reward", choices=["learned", "true"], default="learned", help="reward to maximise")
     p.add_argument("--total-steps", type=int, default=300_000, help="train until the policy has this many steps")
     p.add_argument("--anneal-steps", type=int, default=None,

@@ -1,6 +1,7 @@
 """The paper's headline experiment (Christiano et al. 2017, Figure 2): PPO on the true reward against the full
 loop with the oracle teacher at several label budgets, same step budget and seeds, on HalfCheetah-v5 and
-Hopper-v5 (fixed horizon, as the paper did).
+Hopper-v5 as the paper posed them (fixed horizon, no torque penalty, Hopper paid for its height instead of
+ending when it falls: contract.TASK_KWARGS).
 
     python bench/bench_paper.py                      # default budget: 1 seed, 500k steps, 2 jobs at a time
     python bench/bench_paper.py --steps 1000000      # the full budget of 1M steps (~2.5 h here)
@@ -86,7 +87,7 @@ def segment_seconds(env_id):
 
 
 def finished_record(args, run):
-    """The done.json record of a finished condition, or None; refuses one of another budget, bonus or (a
+    """The done.json record of a finished condition, or None; refuses one of another task, budget, bonus or (a
     label condition) segment length."""
     done_path = os.path.join(run, "done.json")
     if not os.path.exists(done_path):
@@ -94,6 +95,10 @@ def finished_record(args, run):
     with open(done_path) as f:
         record = json.load(f)
     config = C.read_config(run)  # (None where a condition's results were copied without it: not checked)
+    if config and config["env_kwargs"] != C.default_env_kwargs(record["env"]):
+        raise SystemExit(f"bench_paper: {run} was trained on {record['env']} with env kwargs "
+                         f"{json.dumps(config['env_kwargs'])}, not the paper's task "
+                         f"{json.dumps(C.default_env_kwargs(record['env']))}; give another --out")
     if record["labels"] is not None and config and config["segment_seconds"] != segment_seconds(record["env"]):
         raise SystemExit(f"bench_paper: {run} was trained on {config['segment_seconds']:g} s segments, not "
                          f"{segment_seconds(record['env']):g} s; give another --out")

@@ -343,8 +343,17 @@ def test_env_kwargs_the_env_does_not_accept(tmp_path):
 
 @pytest.mark.parametrize("name, args", [("collect", ("--pairs", "2")), ("train_policy", ("--reward", "true"))])
 def test_a_run_made_with_other_env_kwargs(run, name, args):
+    made_with = json.dumps(C.read_config(run)["env_kwargs"])
     refused(run, name, "--env-kwargs", '{"reset_noise_scale": 0.5}', *args,
-            says=f'{run} was created with env kwargs {{}}, not {{"reset_noise_scale": 0.5}}')
+            says=f'{run} was created with env kwargs {made_with}, not {{"reset_noise_scale": 0.5}}')
+
+
+@pytest.mark.parametrize("env_id, weight", [("HalfCheetah-v5", "1.0"), ("Hopper-v5", '"high"')])
+def test_a_height_reward_where_there_is_none(tmp_path, env_id, weight):
+    run = str(tmp_path / "new")
+    refused(run, "collect", "--env", env_id, "--env-kwargs", '{"height_reward_weight": %s}' % weight,
+            says=f"height_reward_weight must be a number and is for Hopper and Walker2d only, not {env_id} with")
+    assert not os.path.exists(run)
 
 
 @pytest.mark.parametrize("text", ["{bad json", "[1, 2]", "3"])

@@ -1,5 +1,5 @@
 """Issue 5: `make bench-paper` keeps each finished condition, re-runs only what is missing, refuses to mix
-step budgets, entropy bonuses (or their schedules), label schedules or segment lengths in one results
+step budgets, entropy bonuses (or their schedules), label schedules, segment lengths or tasks in one results
 directory, and writes its table and plot. A tiny budget on HalfCheetah."""
 import json
 import os
@@ -79,6 +79,17 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     assert other.returncode != 0 and "asked its labels until step 999, not 1" in other.stdout + other.stderr
     with open(done, "w") as f:
         json.dump(records[names[1]], f)
+    # And a condition of another task: a config.json of before the paper's tasks (HalfCheetah with its control
+    # cost, env kwargs {}), edited back in.
+    config_path = os.path.join(out, names[0], "config.json")
+    config = json.load(open(config_path))
+    assert config["env_kwargs"] == {"ctrl_cost_weight": 0.0}
+    with open(config_path, "w") as f:
+        json.dump({**config, "env_kwargs": {}}, f)
+    other = bench(out)
+    assert other.returncode != 0 and "with env kwargs {}, not the paper's task" in other.stdout + other.stderr
+    with open(config_path, "w") as f:
+        json.dump(config, f)
 
     # score_policies rates the runs' final policies with one run's reward model; --deterministic acts with the
     # mean action, so its episodes differ from the sampled ones.

@@ -35,7 +35,27 @@ def test_seconds_to_steps_uses_env_dt(tmp_path):
     assert config["format_version"] == C.FORMAT_VERSION
     hopper = C.open_run(str(tmp_path / "hop"), "Hopper-v5", segment_seconds=1.0)
     assert hopper["segment_steps"] == 125
-    assert hopper["env_kwargs"] == {"terminate_when_unhealthy": False}
+    assert hopper["env_kwargs"] == C.TASK_KWARGS["Hopper"]
+
+
+def test_the_default_tasks_are_the_papers():
+    """rl-teacher's tasks: no termination, no torque penalty (a clip does not show torques); HalfCheetah is paid
+    its forward velocity, Hopper its forward velocity plus its torso's height after the step."""
+    rng = np.random.default_rng(0)
+    for env_id in ("HalfCheetah-v5", "Hopper-v5"):
+        env = C.make_env(env_id, C.default_env_kwargs(env_id))
+        env.reset(seed=0)
+        for t in range(1000):
+            _, reward, terminated, truncated, info = env.step(rng.uniform(-1, 1, env.action_space.shape))
+            height = env.unwrapped.data.qpos[1] if env_id == "Hopper-v5" else 0.0
+            assert reward == pytest.approx(info["x_velocity"] + height)
+            assert info["reward_ctrl"] == 0 and info.get("reward_height", 0.0) == pytest.approx(height)
+            assert not terminated and truncated == (t == 999)  # a random hopper falls within ~100 steps
+    # gymnasium's own reward, with torque penalty and healthy bonus, is one --env-kwargs away
+    env = C.make_env("Hopper-v5", {"terminate_when_unhealthy": False})
+    env.reset(seed=0)
+    _, reward, _, _, info = env.step(np.ones(3))
+    assert reward == pytest.approx(info["x_velocity"] + 1.0 - 1e-3 * 3) and "reward_height" not in info
 
 
 def test_default_segments_are_the_papers(tmp_path):

@@ -217,7 +217,7 @@ def test_checkpoint_resumes_where_it_stopped(tmp_path):
 
 
 def test_env_kwargs_leave_the_fixed_horizon_for_a_true_reward_baseline(tmp_path):
-    """By default Hopper never terminates (the paper's fixed horizon); --env-kwargs gives back the original,
+    """By default Hopper never terminates (the paper's task); --env-kwargs gives back the original,
     terminating Hopper for comparison with published PPO results, and every later stage uses the stored kwargs."""
     env = {**os.environ, "MUJOCO_GL": "egl"}
     common = ["--env", "Hopper-v5", "--reward", "true", "--num-envs", "2", "--num-steps", "256",
@@ -231,7 +231,8 @@ def test_env_kwargs_leave_the_fixed_horizon_for_a_true_reward_baseline(tmp_path)
         config = C.read_config(run)
         lengths[name] = [m["length"] for m in C.read_jsonl(os.path.join(run, C.METRICS))
                          if m["stage"] == "train_policy"]
-        assert config["env_kwargs"] == {"terminate_when_unhealthy": name == "terminating"}
+        assert config["env_kwargs"] == (C.TASK_KWARGS["Hopper"] if name == "fixed" else
+                                        {"terminate_when_unhealthy": True})
     assert lengths["fixed"] == []  # 512 steps per env, and a fixed-horizon episode lasts 1000: none ends
     assert len(lengths["terminating"]) > 5 and max(lengths["terminating"]) < 200  # a random hopper falls fast
 

@@ -55,6 +55,10 @@ def parse_args(argv=None):
                    help="policy step by which the whole label budget should have been asked")
     p.add_argument("--pretrain-fraction", type=at_least(0.0, float), default=0.25,
                    help="share of the label budget asked about the random policy, before any RL")
+    p.add_argument("--random-episode-steps", type=at_least(0), default=240,
+                   help="while actions are random (before any policy), end each episode after this many steps, "
+                        "0 for the env's whole horizon: a random Hopper falls within ~100 steps and would lie on "
+                        "the floor for the rest of its 1000, and the first pairs would be two bodies lying still")
     p.add_argument("--decay-steps", type=at_least(1.0, float), default=None,
                    help="c in the paper's label rate c/(T+c); default schedule-steps/4")
     p.add_argument("--selection", choices=["random", "disagreement"], default="disagreement",
@@ -99,12 +103,12 @@ def load_policy(args, config, action_space, seed):
     return policy, int(checkpoint["global_step"])
 
 
-def rollout_episodes(envs, policy, rng, seed, max_episodes_per_env, mean_action_envs=0):
+def rollout_episodes(envs, policy, rng, seed, max_episodes_per_env, mean_action_envs=0, max_steps=None):
     """Run each env for up to `max_episodes_per_env` whole episodes (stepping all envs together, one batched
-    policy call per step); the last `mean_action_envs` envs act with the policy's mean action. Returns a
-    list of episodes, each a dict of per-step arrays: obs (T, obs_dim), acts (T, act_dim), rewards (T,),
-    qpos (T, nq), qvel (T, nv); the states are those *before* the action, so that frame t shows what obs[t]
-    describes."""
+    policy call per step), each cut short after `max_steps` if given; the last `mean_action_envs` envs act
+    with the policy's mean action. Returns a list of episodes, each a dict of per-step arrays: obs (T, obs_dim),
+    acts (T, act_dim), rewards (T,), qpos (T, nq), qvel (T, nv); the states are those *before* the action, so
+    that frame t shows what obs[t] describes."""
     n = len(envs)
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
     buffers = [{k: [] for k in ("obs", "acts", "rewards", "qpos", "qvel")} for _ in envs]
@@ -127,7 +131,7 @@ def rollout_episodes(envs, policy, rng, seed, max_episodes_per_env, mean_action_
             next_obs, reward, terminated, truncated, _ = env.step(actions[i])
             b["acts"].append(actions[i])
             b["rewards"].append(reward)
-            if terminated or truncated:
+            if terminated or truncated or len(b["rewards"]) == max_steps:
                 episodes.append({k: np.asarray(v) for k, v in b.items()})
                 buffers[i] = {k: [] for k in b}
                 finished[i] += 1
@@ -148,6 +152,12 @@ def cut_segments(episode, segment_steps, rng):
             for start in range(offset, length - segment_steps + 1, segment_steps)]
 
 
+def random_episode_steps(args, policy_step):
+    """Where episodes are cut short: while actions are random, at --random-episode-steps; a policy's episodes
+    run to the env's end (None)."""
+    return None if policy_step or not args.random_episode_steps else args.random_episode_steps
+
+
 def mean_action_envs(args, policy_step):
     """How many of the rollout envs act with the policy's mean action (none while actions are random)."""
     return round(args.mean_action_share * args.num_envs) if policy_step else 0
@@ -161,12 +171,13 @@ def collect_segment_pool(args, config, needed, seed):
     rng = np.random.default_rng(seed)
     policy, policy_step = load_policy(args, config, envs[0].action_space, seed)
     horizon = envs[0].spec.max_episode_steps or 1000
-    per_episode = max(1, horizon // config["segment_steps"])
+    max_steps = random_episode_steps(args, policy_step)
+    per_episode = max(1, min(horizon, max_steps or horizon) // config["segment_steps"])
     rounds = math.ceil(needed / (per_episode * args.num_envs))
     segments, returns = [], []
     for attempt in range(50):  # short (terminating) episodes may need more rollouts than estimated
         episodes = rollout_episodes(envs, policy, rng, seed + 1000 * attempt, rounds,
-                                    mean_action_envs(args, policy_step))
+                                    mean_action_envs(args, policy_step), max_steps)
         returns += [float(e["rewards"].sum()) for e in episodes]
         for episode in episodes:
             segments += cut_segments(episode, config["segment_steps"], rng)
@@ -381,7 +392,8 @@ def collect(args, config):
     C.append_jsonl(os.path.join(args.run, C.QUERIES), records)
     C.log_metrics(args.run, "collect", round=round_index, policy_step=policy_step, pairs=len(records),
                   segments=len(used), pairs_total=len(queries) + len(records), selection=selection,
-                  rollout_true_return=mean_return, mean_action_envs=mean_action_envs(args, policy_step),
+                  rollout_true_return=mean_return, episode_steps=random_episode_steps(args, policy_step),
+                  mean_action_envs=mean_action_envs(args, policy_step),
                   seconds=round(time.time() - started, 2))
     print(f"collect: round {round_index}, policy step {policy_step}, {len(records)} pairs ({selection}), "
           f"{len(used)} segments, {len(clips)} clips, {time.time() - started:.1f}s")

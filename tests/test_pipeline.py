@@ -127,6 +127,37 @@ def test_mean_action_envs_act_with_the_mean_and_leave_the_sampled_envs_as_they_w
     assert not np.allclose(sampled[2]["acts"], deterministic.act(sampled[2]["obs"], deterministic=True), atol=0.1)
 
 
+def test_random_episodes_can_be_cut_short_and_start_again_from_a_reset():
+    import gymnasium as gym
+    envs = [gym.make("Reacher-v5", max_episode_steps=50) for _ in range(2)]
+    episodes = collect.rollout_episodes(envs, None, np.random.default_rng(0), 0, 3, max_steps=20)
+    assert len(episodes) == 6 and all(len(e["rewards"]) == 20 for e in episodes)
+    # Each env's next episode starts from a fresh reset: its first state is near the initial pose again,
+    # not where 20 random steps left the arm.
+    # Episodes 0 and 2 are env 0's first and second (non-terminating envs finish together).
+    reset_qvel = 0.005  # Reacher resets its arm's joint velocities to U(-0.005, 0.005)
+    assert np.all(np.abs(episodes[2]["qvel"][0][:2]) <= reset_qvel)
+    assert np.any(np.abs(episodes[0]["qvel"][-1][:2]) > reset_qvel)
+    uncut = collect.rollout_episodes(envs, None, np.random.default_rng(0), 0, 1)
+    assert all(len(e["rewards"]) == 50 for e in uncut)
+
+
+def test_the_random_rounds_pairs_show_the_hopper_before_it_falls(tmp_path, monkeypatch):
+    """A random Hopper falls within ~100 steps of its 1000; by default the random round's episodes end after
+    240 steps, so that far more of its segments show the body upright (at its reset height of 1.25 m)."""
+    upright_starts = {}
+    for steps in ("240", "0"):
+        run = str(tmp_path / steps)
+        monkeypatch.setattr(sys, "argv", ["collect.py", "--run", run, "--env", "Hopper-v5", "--pairs", "20",
+                                          "--num-envs", "2", "--no-clips", "--random-episode-steps", steps])
+        collect.main()
+        upright_starts[steps] = (C.load_segments(run)["qpos"][:, 0, 1] > 1.2).mean()
+        logged = [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "collect"]
+        assert logged[-1]["episode_steps"] == (240 if steps == "240" else None)
+    assert upright_starts["240"] >= 0.2 > 0.1 >= upright_starts["0"], upright_starts
+    assert collect.parse_args(["--run", "unused"]).random_episode_steps == 240
+
+
 def test_pairs_due_follows_the_paper_schedule():
     class Args:
         pairs, label_budget, schedule_steps, pretrain_fraction, decay_steps = None, 400, 100_000, 0.25, None

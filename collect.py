@@ -104,8 +104,8 @@ def load_policy(args, config, action_space, seed):
 
 
 def rollout_episodes(envs, policy, rng, seed, max_episodes_per_env, mean_action_envs=0, max_steps=None):
-    """Run each env for up to `max_episodes_per_env` whole episodes (stepping all envs together, one batched
-    policy call per step), each cut short after `max_steps` if given; the last `mean_action_envs` envs act
+    """Run each env for up to `max_episodes_per_env` episodes (stepping all envs together, one batched policy
+    call per step), each to the env's end or, if given, to `max_steps`; the last `mean_action_envs` envs act
     with the policy's mean action. Returns a list of episodes, each a dict of per-step arrays: obs (T, obs_dim),
     acts (T, act_dim), rewards (T,), qpos (T, nq), qvel (T, nv); the states are those *before* the action, so
     that frame t shows what obs[t] describes."""

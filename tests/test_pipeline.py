@@ -132,9 +132,8 @@ def test_random_episodes_can_be_cut_short_and_start_again_from_a_reset():
     envs = [gym.make("Reacher-v5", max_episode_steps=50) for _ in range(2)]
     episodes = collect.rollout_episodes(envs, None, np.random.default_rng(0), 0, 3, max_steps=20)
     assert len(episodes) == 6 and all(len(e["rewards"]) == 20 for e in episodes)
-    # Each env's next episode starts from a fresh reset: its first state is near the initial pose again,
-    # not where 20 random steps left the arm.
-    # Episodes 0 and 2 are env 0's first and second (non-terminating envs finish together).
+    # An env's next episode starts from a fresh reset, not where 20 random steps left the arm. Episodes 0
+    # and 2 are env 0's first and second (Reacher never terminates, so the envs finish together).
     reset_qvel = 0.005  # Reacher resets its arm's joint velocities to U(-0.005, 0.005)
     assert np.all(np.abs(episodes[2]["qvel"][0][:2]) <= reset_qvel)
     assert np.any(np.abs(episodes[0]["qvel"][-1][:2]) > reset_qvel)

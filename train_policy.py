@@ -57,6 +57,10 @@ def parse_args(argv=None):
                    help="learned reward only: add this times the reward ensemble's disagreement (std of its "
                         "members' normalised rewards), decaying to 0 with the learning rate, so that the agent "
                         "visits what the model is unsure of and the next labels are asked there (RUNE)")
+    p.add_argument("--reward-state", choices=["before", "after"], default="before",
+                   help="which observation a model of the observation alone rewards a step for: the one the "
+                        "step started from, or the one its action led to (BENCHMARKS.md, 'Which state a step's "
+                        "reward is of')")
     p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight")
     p.add_argument("--max-grad-norm", type=float, default=0.5, help="gradient clipping")
     p.add_argument("--target-kl", type=float, default=None, help="stop an update's epochs early above this KL")
@@ -183,16 +187,23 @@ class Rollouts:
                 value = net.critic(obs).squeeze(-1)
             env_action = np.clip(action.numpy(), self.low, self.high)
             next_raw, true_reward, terminated, truncated, info = self.envs.step(env_action)
+            done = np.logical_or(terminated, truncated)
             if reward_model is not None:
+                rewarded_obs = self.raw_obs
+                if reward_model.inputs == "obs" and args.reward_state == "after":
+                    # The state the action led to (an ended episode's final observation, not the next one's
+                    # first), so that an action changes its own step's reward, as it changes the env's.
+                    rewarded_obs = next_raw.copy()
+                    for i in np.flatnonzero(done):
+                        rewarded_obs[i] = info["final_obs"][i]
                 with torch.no_grad():
                     members = reward_model.member_rewards(
-                        torch.as_tensor(C.reward_input(self.raw_obs, env_action, reward_model.inputs)))
+                        torch.as_tensor(C.reward_input(rewarded_obs, env_action, reward_model.inputs)))
                 learned = members.mean(0).numpy()
                 reward = learned + explore_coef * members.std(0).numpy() if explore_coef else learned
             else:
                 learned = np.full(n, np.nan)
                 reward = true_reward
-            done = np.logical_or(terminated, truncated)
             scaled = scale_rewards(reward, self.discounted, self.return_rms, done.astype(np.float64), args.gamma)
             # A time limit is not a real end: bootstrap from the value of the observation it cut off at.
             cut = np.flatnonzero(truncated & ~terminated)

@@ -41,6 +41,10 @@ def parse_args(argv=None):
                    help="what the model sees: the observation, as a person watching a clip does, or also the "
                         "action (the paper's r(o, a)); see contract.REWARD_INPUTS")
     p.add_argument("--members", type=int, default=3, help="ensemble size")
+    p.add_argument("--reward-state", choices=["before", "after"], default="before",
+                   help="a model of the observation alone is fitted to the states the segment's steps started "
+                        "from (before) or to the states they led to (after; the segment's last one is not stored, "
+                        "so T-1 of them), for train_policy.py --reward-state after")
     p.add_argument("--hidden", type=int, default=64, help="hidden layer width")
     p.add_argument("--layers", type=int, default=2, help="number of hidden layers")
     p.add_argument("--epochs", type=float, default=30,
@@ -328,6 +332,10 @@ def main():
                           f"{C.SEGMENTS_DIR}/ (e.g. {sorted(missing)[0]})")
 
     x = torch.as_tensor(C.reward_input(segments["obs"], segments["acts"], args.inputs))  # (S, T, D)
+    if args.inputs == "obs" and args.reward_state == "after":
+        # A step's reward is of the state its action led to: the states after the segment's first T-1 steps
+        # (the segment's last step led to a state it does not store, one of T summed rewards the model misses).
+        x = x[:, 1:]
     left = torch.as_tensor([index[queries[l["query_id"]]["left"]] for l in labels])
     right = torch.as_tensor([index[queries[l["query_id"]]["right"]] for l in labels])
     target = torch.as_tensor([C.preference_target(l["choice"]) for l in labels], dtype=torch.float32)

@@ -384,3 +384,46 @@ def test_exploration_bonus_is_the_ensembles_disagreement_decaying_with_the_learn
                                  "--total-steps", "64", *flags], cwd=ROOT, capture_output=True, text=True, env=env,
                                 timeout=120)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_model_of_the_observation_rewards_the_state_the_action_led_to(tmp_path, monkeypatch):
+    """With --reward-state after step t is rewarded for the observation its action led to: the next step's
+    observation, or, where the episode ended, its final observation (not the next episode's first). With
+    before (the default), for the observation it started from. A model that also sees the action is always
+    given the observation the action was chosen in, with that action."""
+    config = C.open_run(str(tmp_path / "run"), "InvertedPendulum-v5")
+    seen = []
+
+    def collect(reward_model, state):
+        args = train_policy.parse_args(["--run", str(tmp_path / "run"), "--num-envs", "2", "--num-steps", "48",
+                                        "--reward-state", state])
+        torch.manual_seed(0)
+        net = C.build_actor_critic(4, 1)
+        rollouts = train_policy.Rollouts(args, config, reward_model, C.RunningMeanStd((4,)), C.RunningMeanStd(()), 0)
+        seen.clear()
+        batch, _ = rollouts.collect(net)
+        rollouts.close()
+        return torch.stack(seen), batch["done"]  # (T, N, in_dim), (T, N)
+
+    def recording(reward_model):
+        members = reward_model.member_rewards
+        monkeypatch.setattr(reward_model, "member_rewards", lambda x: seen.append(x.clone()) or members(x))
+        return reward_model
+
+    obs_model = recording(C.build_reward_ensemble(4, members=2, inputs="obs"))
+    before, done = collect(obs_model, "before")
+    after, same_done = collect(obs_model, "after")
+    assert torch.equal(done, same_done)  # the same trajectories
+    ended = same_done[1:] == 1  # (T-1, N): the episode ended at step t, the env reset before step t+1
+    assert ended.any() and (~ended).any()
+    # Where the episode went on, the state the action led to is where the next step started.
+    torch.testing.assert_close(after[:-1][~ended], before[1:][~ended])
+    # Where it ended, the pendulum had fallen past the env's 0.2 rad; the next episode starts upright.
+    assert torch.all(after[:-1][ended][:, 1].abs() > 0.2)
+    assert torch.all(before[1:][ended][:, 1].abs() < 0.2)
+
+    obs_act_model = recording(C.build_reward_ensemble(5, members=2, inputs="obs+act"))
+    with_action_after, _ = collect(obs_act_model, "after")
+    with_action_before, _ = collect(obs_act_model, "before")
+    assert torch.equal(with_action_after, with_action_before)
+    torch.testing.assert_close(with_action_after[..., :4], before)

@@ -342,3 +342,38 @@ def test_reward_inputs_are_the_observation_by_default_or_also_the_action(tmp_pat
     del checkpoint["inputs"]
     C.save_torch_atomic(path, checkpoint)
     assert C.load_reward_model(run).inputs == "obs+act"
+
+
+def test_fitted_to_the_states_the_steps_led_to_a_segment_s_first_state_is_not_used(tmp_path, monkeypatch):
+    """--reward-state after fits a model of the observation to obs[:, 1:], the states each step's action led
+    to (train_policy.py --reward-state after rewards a step for those): two runs whose segments differ only in
+    their first states get the same model; fitted to the states the steps started from they do not."""
+    rng = np.random.default_rng(0)
+    n, t = 60, 30
+    o = rng.normal(size=(2 * n, t, 17)).astype(np.float32)
+    a = rng.uniform(-1, 1, size=(2 * n, t, 6)).astype(np.float32)
+    returns = o[:, 1:, 0].sum(1)
+    scrambled = o.copy()
+    scrambled[:, 0] = rng.normal(size=(2 * n, 17)) * 5
+
+    def fitted(name, obs, *flags):
+        run = str(tmp_path / name)
+        C.open_run(run, "HalfCheetah-v5", seed=0)
+        C.save_segments(run, 0, {"ids": np.arange(2 * n), "obs": obs, "acts": a, "rewards": o[:, :, 0].copy(),
+                                 "qpos": np.zeros((2 * n, t, 9)), "qvel": np.zeros((2 * n, t, 9)),
+                                 "policy_step": np.zeros(2 * n, np.int64)})
+        C.append_jsonl(os.path.join(run, C.QUERIES), [{"query_id": i, "left": 2 * i, "right": 2 * i + 1}
+                                                      for i in range(n)])
+        C.append_jsonl(os.path.join(run, C.LABELS), [
+            {"query_id": i, "labeler": "oracle", "time": 1.0,
+             "choice": "left" if returns[2 * i] > returns[2 * i + 1] else "right"} for i in range(n)])
+        monkeypatch.setattr(sys, "argv", ["train_reward.py", "--run", run, "--steps", "50", *flags])
+        train_reward.main()
+        return C.load_reward_model(run).state_dict()
+
+    def same(a_model, b_model):
+        return all(torch.equal(a_model[k], b_model[k]) for k in a_model)
+
+    after = ("--reward-state", "after")
+    assert same(fitted("after", o, *after), fitted("after-scrambled", scrambled, *after))
+    assert not same(fitted("before", o), fitted("before-scrambled", scrambled))

@@ -11,8 +11,11 @@ the policy optimisation is.
 Prints a markdown table: for each policy the mean and standard deviation over --episodes whole episodes of
 the true and the learned return, and the correlation of the learned with the true reward step by step over
 those episodes: how closely the model tracks the true reward among the states that policy visits, where its
-gradient has to lead the agent on. Actions are sampled from the policy, as in training and in
-collect.py --evaluate, or with --deterministic are the policy's mean action. Reads only; writes nothing.
+gradient has to lead the agent on. For the planar bodies (HalfCheetah, Hopper, Walker2d), whose observation[1]
+is the torso's pitch, it also gives the share of steps spent upside down (pitch beyond 90 degrees): a
+HalfCheetah that flipped onto its back early runs on it, at about half the speed of one that stayed upright.
+Actions are sampled from the policy, as in training and in collect.py --evaluate, or with --deterministic are
+the policy's mean action. Reads only; writes nothing.
 """
 import argparse
 import os
@@ -25,10 +28,19 @@ sys.path.insert(0, ROOT)
 import contract as C  # noqa: E402
 
 
+PLANAR_ENVS = ("HalfCheetah", "Hopper", "Walker2d")  # observation[1] is the torso's pitch in radians
+
+
+def upside_down_share(pitch):
+    """Share of the steps whose torso pitch (radians, any number of turns; (T,)) is beyond 90 degrees either
+    way, i.e. whose torso is upside down."""
+    return float(np.mean(np.cos(pitch) < 0))
+
+
 def episode_rewards(env, policy, reward_model, seed, deterministic=False):
-    """One whole episode of T steps: (true rewards (T,), learned rewards (T,), terms), where terms sums each
-    of the env's reward terms over the episode ({"forward": ..., "ctrl": ...}: the info entries "reward_*"
-    that MuJoCo envs report, whose sum is the true reward)."""
+    """One whole episode of T steps: (true rewards (T,), learned rewards (T,), terms, observations (T, D)),
+    where terms sums each of the env's reward terms over the episode ({"forward": ..., "ctrl": ...}: the info
+    entries "reward_*" that MuJoCo envs report, whose sum is the true reward)."""
     import torch
     obs, _ = env.reset(seed=seed)
     observations, actions, true_rewards, terms, done = [], [], [], {}, False
@@ -45,7 +57,7 @@ def episode_rewards(env, policy, reward_model, seed, deterministic=False):
     x = torch.as_tensor(C.reward_input(np.array(observations), np.array(actions), reward_model.inputs))
     with torch.no_grad():
         learned_rewards = reward_model.normalized_reward(x.float()).numpy()
-    return np.array(true_rewards), learned_rewards, terms
+    return np.array(true_rewards), learned_rewards, terms, np.array(observations)
 
 
 def main():
@@ -70,7 +82,8 @@ def main():
     lines = [f"{config['env_id']}, reward model of {args.reward_model} ({reward_model.inputs}), "
              f"{args.episodes} episodes per policy, {'mean' if args.deterministic else 'sampled'} actions.", "",
              "| policy of | policy step | true return | learned return | corr(learned, true) per step "
-             "| the true return's terms |", "|---|---|---|---|---|---|"]
+             "| the true return's terms | share of steps upside down |", "|---|---|---|---|---|---|---|"]
+    planar = config["env_id"].split("-")[0] in PLANAR_ENVS
     for run in args.policies:
         other = C.read_config(run)
         if (other["env_id"], other["env_kwargs"]) != (config["env_id"], config["env_kwargs"]):
@@ -81,12 +94,15 @@ def main():
                                     seed=args.seed)
         episodes = [episode_rewards(env, policy, reward_model, args.seed + i, args.deterministic)
                     for i in range(args.episodes)]
-        scores = np.array([(true.sum(), learned.sum()) for true, learned, _ in episodes])
-        correlation = np.corrcoef(np.concatenate([true for true, _, _ in episodes]),
-                                  np.concatenate([learned for _, learned, _ in episodes]))[0, 1]
-        terms = ", ".join(f"{key} {np.mean([t[key] for _, _, t in episodes]):.0f}" for key in episodes[0][2])
+        scores = np.array([(true.sum(), learned.sum()) for true, learned, _, _ in episodes])
+        correlation = np.corrcoef(np.concatenate([true for true, _, _, _ in episodes]),
+                                  np.concatenate([learned for _, learned, _, _ in episodes]))[0, 1]
+        terms = ", ".join(f"{key} {np.mean([t[key] for _, _, t, _ in episodes]):.0f}" for key in episodes[0][2])
+        pitch = np.concatenate([observations[:, 1] for _, _, _, observations in episodes])
+        upside_down = f"{upside_down_share(pitch):.2f}" if planar else "-"
         lines.append(f"| {run} | {checkpoint['global_step']} | {scores[:, 0].mean():.0f} +- {scores[:, 0].std():.0f} "
-                     f"| {scores[:, 1].mean():.0f} +- {scores[:, 1].std():.0f} | {correlation:.2f} | {terms} |")
+                     f"| {scores[:, 1].mean():.0f} +- {scores[:, 1].std():.0f} | {correlation:.2f} | {terms} "
+                     f"| {upside_down} |")
         print(f"score_policies: {run}: true {scores[:, 0].mean():.1f}, learned {scores[:, 1].mean():.1f}",
               file=sys.stderr, flush=True)
     env.close()

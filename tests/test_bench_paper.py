@@ -115,6 +115,7 @@ def test_bench_paper_resumes_and_reports(tmp_path):
         terms = dict(item.split(" ") for item in cells[5].split(", "))
         assert sorted(terms) == ["ctrl", "forward"] and float(terms["ctrl"]) <= 0
         assert abs(sum(map(float, terms.values())) - float(cells[2].split(" +- ")[0])) <= 1.5
+        assert 0.0 <= float(cells[6]) <= 1.0  # HalfCheetah is planar: the share of its steps spent upside down
 
     # fixed_reward trains PPO from scratch on a run's final reward model, held fixed, or on one fitted afresh
     # to its labels; it keeps what is done and refuses to mix settings in one directory.
@@ -150,3 +151,11 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     assert json.load(open(os.path.join(refit_run, "done.json")))["refit"] == "--layers 1"
     assert "fitted afresh with train_reward.py --fresh --layers 1" in open(
         os.path.join(refit_out, "fixed_reward.md")).read()
+
+
+def test_upside_down_is_a_torso_pitch_beyond_90_degrees_either_way_after_any_number_of_turns():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from score_policies import upside_down_share
+    # upright, on its back, on its back pitched the other way, nose-down at 60 degrees, upright after a turn
+    assert upside_down_share([0.0, 3.1, -2.0, 1.05, 6.3]) == 0.4
+    assert upside_down_share([1.5, -1.5]) == 0.0 and upside_down_share([1.6, -1.6]) == 1.0

@@ -94,11 +94,11 @@ def main():
                                     seed=args.seed)
         episodes = [episode_rewards(env, policy, reward_model, args.seed + i, args.deterministic)
                     for i in range(args.episodes)]
-        scores = np.array([(true.sum(), learned.sum()) for true, learned, _, _ in episodes])
-        correlation = np.corrcoef(np.concatenate([true for true, _, _, _ in episodes]),
-                                  np.concatenate([learned for _, learned, _, _ in episodes]))[0, 1]
-        terms = ", ".join(f"{key} {np.mean([t[key] for _, _, t, _ in episodes]):.0f}" for key in episodes[0][2])
-        pitch = np.concatenate([observations[:, 1] for _, _, _, observations in episodes])
+        trues, learneds, term_sums, observations = zip(*episodes)
+        scores = np.array([(true.sum(), learned.sum()) for true, learned in zip(trues, learneds)])
+        correlation = np.corrcoef(np.concatenate(trues), np.concatenate(learneds))[0, 1]
+        terms = ", ".join(f"{key} {np.mean([t[key] for t in term_sums]):.0f}" for key in term_sums[0])
+        pitch = np.concatenate([o[:, 1] for o in observations])
         upside_down = f"{upside_down_share(pitch):.2f}" if planar else "-"
         lines.append(f"| {run} | {checkpoint['global_step']} | {scores[:, 0].mean():.0f} +- {scores[:, 0].std():.0f} "
                      f"| {scores[:, 1].mean():.0f} +- {scores[:, 1].std():.0f} | {correlation:.2f} | {terms} "

@@ -213,7 +213,7 @@ def pairs_due(args, policy_step, asked):
 def segment_returns_per_member(model, pool):
     """Each ensemble member's predicted return of each pooled segment: (members, N)."""
     import torch
-    x = torch.as_tensor(C.reward_input(pool["obs"], pool["acts"], model.inputs))
+    x = torch.as_tensor(C.segment_reward_input(pool["obs"], pool["acts"], model.inputs, model.reward_state))
     n, t, d = x.shape
     with torch.no_grad():
         return model(x.reshape(n * t, d)).reshape(model.members, n, t).sum(-1).numpy()

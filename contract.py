@@ -773,7 +773,7 @@ class PolicyForRollout:
         return np.clip(action.numpy(), self.low, self.high)
 
 
-def build_reward_ensemble(in_dim, members=3, hidden=64, layers=2, inputs="obs"):
+def build_reward_ensemble(in_dim, members=3, hidden=64, layers=2, inputs="obs", reward_state="before"):
     """An ensemble of reward predictors r_k(obs) (or r_k(obs, act), see REWARD_INPUTS) evaluated in one
     batched pass.
 
@@ -802,6 +802,7 @@ def build_reward_ensemble(in_dim, members=3, hidden=64, layers=2, inputs="obs"):
             self.register_buffer("out_std", torch.ones(members))
             self.members, self.in_dim, self.hidden, self.layers = members, in_dim, hidden, layers
             self.inputs = inputs  # what reward_input feeds it: "obs" or "obs+act"
+            self.reward_state = reward_state  # which of a step's states it rewards: see REWARD_STATES
 
         def forward(self, x):
             x = (x - self.in_mean) / self.in_std
@@ -839,6 +840,21 @@ def reward_input(obs, acts, inputs):
     return np.concatenate([obs, acts], axis=-1).astype(np.float32)
 
 
+# Which state a model of the observation alone rewards a step for: the one the step started from ("before",
+# the default), or the one its action led to ("after", as the env's own reward is; not adopted, BENCHMARKS.md
+# "Which state a step's reward is of, again"). A model that also sees the action always gets the state the
+# action was chosen in. Fitted to one, a model is used with the same: reward_model.pt records it.
+REWARD_STATES = ("before", "after")
+
+
+def segment_reward_input(obs, acts, inputs, reward_state):
+    """The reward model's input for whole segments, obs (S, T, obs_dim) and acts (S, T, act_dim): the
+    (S, T, in_dim) reward_input, or (S, T-1, in_dim) for a model of the observation that rewards the state a
+    step led to (a segment does not store the state its last step led to, so its last reward is missed)."""
+    x = reward_input(obs, acts, inputs)
+    return x[:, 1:] if inputs == "obs" and reward_state == "after" else x
+
+
 def load_reward_model(run_dir):
     """The run's saved reward ensemble, or None if train_reward.py has not run yet."""
     path = os.path.join(run_dir, REWARD_MODEL)
@@ -854,9 +870,12 @@ def reward_model_from_checkpoint(checkpoint, path):
     try:
         # Files written before the inputs were a choice saw the actions.
         model = build_reward_ensemble(checkpoint["in_dim"], checkpoint["members"], checkpoint["hidden"],
-                                      checkpoint["layers"], checkpoint.get("inputs", "obs+act"))
+                                      checkpoint["layers"], checkpoint.get("inputs", "obs+act"),
+                                      checkpoint.get("reward_state", "before"))
         if model.inputs not in REWARD_INPUTS:
             raise ValueError(f"inputs {model.inputs!r}")
+        if model.reward_state not in REWARD_STATES:
+            raise ValueError(f"reward_state {model.reward_state!r}")
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"reward model {path} does not match its own description ({type(e).__name__}); "

@@ -57,10 +57,11 @@ def parse_args(argv=None):
                    help="learned reward only: add this times the reward ensemble's disagreement (std of its "
                         "members' normalised rewards), decaying to 0 with the learning rate, so that the agent "
                         "visits what the model is unsure of and the next labels are asked there (RUNE)")
-    p.add_argument("--reward-state", choices=["before", "after"], default="before",
+    p.add_argument("--reward-state", choices=C.REWARD_STATES, default=None,
                    help="which observation a model of the observation alone rewards a step for: the one the "
                         "step started from, or the one its action led to (BENCHMARKS.md, 'Which state a step's "
-                        "reward is of')")
+                        "reward is of'); default: the one reward_model.pt was fitted to (train_reward.py "
+                        "--reward-state)")
     p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight")
     p.add_argument("--max-grad-norm", type=float, default=0.5, help="gradient clipping")
     p.add_argument("--target-kl", type=float, default=None, help="stop an update's epochs early above this KL")
@@ -190,7 +191,7 @@ class Rollouts:
             done = np.logical_or(terminated, truncated)
             if reward_model is not None:
                 rewarded_obs = self.raw_obs
-                if reward_model.inputs == "obs" and args.reward_state == "after":
+                if reward_model.inputs == "obs" and (args.reward_state or reward_model.reward_state) == "after":
                     # The state the action led to (an ended episode's final observation, not the next one's
                     # first), so that an action changes its own step's reward, as it changes the env's.
                     rewarded_obs = next_raw.copy()

@@ -41,10 +41,11 @@ def parse_args(argv=None):
                    help="what the model sees: the observation, as a person watching a clip does, or also the "
                         "action (the paper's r(o, a)); see contract.REWARD_INPUTS")
     p.add_argument("--members", type=int, default=3, help="ensemble size")
-    p.add_argument("--reward-state", choices=["before", "after"], default="before",
-                   help="a model of the observation alone is fitted to the states the segment's steps started "
-                        "from (before) or to the states they led to (after; the segment's last one is not stored, "
-                        "so T-1 of them), for train_policy.py --reward-state after")
+    p.add_argument("--reward-state", choices=C.REWARD_STATES, default="before",
+                   help="a model of the observation alone rewards a step for the state it started from (before) "
+                        "or for the state it led to (after; fitted to T-1 of a segment's T steps, as the segment "
+                        "does not store the state its last step led to); recorded in the model, which "
+                        "train_policy.py and collect.py then use the same way; see contract.REWARD_STATES")
     p.add_argument("--hidden", type=int, default=64, help="hidden layer width")
     p.add_argument("--layers", type=int, default=2, help="number of hidden layers")
     p.add_argument("--epochs", type=float, default=30,
@@ -202,7 +203,8 @@ def fit(x, left, right, target, is_val, counts, args, model=None, l2=None, seed=
     report) where report has the steps taken and the (K,) val/train loss ratio after each adaptation."""
     members = is_val.shape[0]
     if model is None:
-        model = C.build_reward_ensemble(x.shape[-1], members, args.hidden, args.layers, args.inputs)
+        model = C.build_reward_ensemble(x.shape[-1], members, args.hidden, args.layers, args.inputs,
+                                        rewarded_state(args))
         flat = x.reshape(-1, x.shape[-1])
         model.in_mean.copy_(flat.mean(0))
         model.in_std.copy_(flat.std(0).clamp_min(1e-3))
@@ -282,8 +284,15 @@ def save_model(path, model, l2, labels):
     labels: the usable label records the model was fitted to."""
     C.save_torch_atomic(path, {"model": model.state_dict(), "members": model.members, "hidden": model.hidden,
                                "layers": model.layers, "in_dim": model.in_dim, "inputs": model.inputs,
+                               "reward_state": model.reward_state,
                                "l2": [float(v) for v in l2], "labels": len(labels),
                                "labels_digest": labels_digest(labels), "format_version": C.FORMAT_VERSION})
+
+
+def rewarded_state(args):
+    """The state the model rewards a step for, as recorded in it: --reward-state for a model of the
+    observation; a model that also sees the action always gets the state the action was chosen in."""
+    return args.reward_state if args.inputs == "obs" else "before"
 
 
 def in_range_share(ratios, target_ratio):
@@ -315,8 +324,9 @@ def main():
     path = os.path.join(args.run, C.REWARD_MODEL)
     ckpt = C.load_torch(path, "reward model") if os.path.exists(path) and not args.fresh else None
     saved = None if ckpt is None else C.reward_model_from_checkpoint(ckpt, path)
-    same_architecture = saved is not None and (saved.members, saved.hidden, saved.layers, saved.inputs) == \
-        (args.members, args.hidden, args.layers, args.inputs)
+    same_architecture = saved is not None and \
+        (saved.members, saved.hidden, saved.layers, saved.inputs, saved.reward_state) == \
+        (args.members, args.hidden, args.layers, args.inputs, rewarded_state(args))
     # Decided before the segments are read: once the budget is spent, loop.sh calls this every round.
     if args.if_new_labels and same_architecture and ckpt.get("labels_digest") == labels_digest(labels):
         print(f"train_reward: no new labels since {C.REWARD_MODEL} was fitted ({len(labels)}); it stays as it is")
@@ -331,11 +341,8 @@ def main():
         raise C.UserError(f"{len(missing)} segments named by labelled queries are missing from "
                           f"{C.SEGMENTS_DIR}/ (e.g. {sorted(missing)[0]})")
 
-    x = torch.as_tensor(C.reward_input(segments["obs"], segments["acts"], args.inputs))  # (S, T, D)
-    if args.inputs == "obs" and args.reward_state == "after":
-        # A step's reward is of the state its action led to: the states after the segment's first T-1 steps
-        # (the segment's last step led to a state it does not store, one of T summed rewards the model misses).
-        x = x[:, 1:]
+    x = torch.as_tensor(C.segment_reward_input(segments["obs"], segments["acts"], args.inputs,
+                                               rewarded_state(args)))  # (S, T or T-1, D)
     left = torch.as_tensor([index[queries[l["query_id"]]["left"]] for l in labels])
     right = torch.as_tensor([index[queries[l["query_id"]]["right"]] for l in labels])
     target = torch.as_tensor([C.preference_target(l["choice"]) for l in labels], dtype=torch.float32)

@@ -389,14 +389,14 @@ def test_exploration_bonus_is_the_ensembles_disagreement_decaying_with_the_learn
 def test_a_model_of_the_observation_rewards_the_state_the_action_led_to(tmp_path, monkeypatch):
     """With --reward-state after step t is rewarded for the observation its action led to: the next step's
     observation, or, where the episode ended, its final observation (not the next episode's first). With
-    before (the default), for the observation it started from. A model that also sees the action is always
-    given the observation the action was chosen in, with that action."""
+    before, for the observation it started from. Without the flag, as the model was fitted. A model that also
+    sees the action is always given the observation the action was chosen in, with that action."""
     config = C.open_run(str(tmp_path / "run"), "InvertedPendulum-v5")
     seen = []
 
-    def collect(reward_model, state):
+    def collect(reward_model, state=None):
         args = train_policy.parse_args(["--run", str(tmp_path / "run"), "--num-envs", "2", "--num-steps", "48",
-                                        "--reward-state", state])
+                                        *(["--reward-state", state] if state else [])])
         torch.manual_seed(0)
         net = C.build_actor_critic(4, 1)
         rollouts = train_policy.Rollouts(args, config, reward_model, C.RunningMeanStd((4,)), C.RunningMeanStd(()), 0)
@@ -421,6 +421,9 @@ def test_a_model_of_the_observation_rewards_the_state_the_action_led_to(tmp_path
     # Where it ended, the pendulum had fallen past the env's 0.2 rad; the next episode starts upright.
     assert torch.all(after[:-1][ended][:, 1].abs() > 0.2)
     assert torch.all(before[1:][ended][:, 1].abs() < 0.2)
+    # Without the flag, the state the model was fitted to (train_reward.py --reward-state, in reward_model.pt).
+    assert torch.equal(collect(obs_model)[0], before)
+    assert torch.equal(collect(recording(C.build_reward_ensemble(4, members=2, reward_state="after")))[0], after)
 
     obs_act_model = recording(C.build_reward_ensemble(5, members=2, inputs="obs+act"))
     with_action_after, _ = collect(obs_act_model, "after")

@@ -377,3 +377,36 @@ def test_fitted_to_the_states_the_steps_led_to_a_segment_s_first_state_is_not_us
     after = ("--reward-state", "after")
     assert same(fitted("after", o, *after), fitted("after-scrambled", scrambled, *after))
     assert not same(fitted("before", o), fitted("before-scrambled", scrambled))
+    # The model records which states it was fitted to (train_policy.py and collect.py use it the same way);
+    # a file written before it did was fitted to the states the steps started from.
+    assert C.load_reward_model(str(tmp_path / "after")).reward_state == "after"
+    assert C.load_reward_model(str(tmp_path / "before")).reward_state == "before"
+    path = str(tmp_path / "after" / C.REWARD_MODEL)
+    checkpoint = C.load_torch(path, "reward model")
+    del checkpoint["reward_state"]
+    C.save_torch_atomic(path, checkpoint)
+    assert C.load_reward_model(str(tmp_path / "after")).reward_state == "before"
+    # Asked for the other state with no new labels, --if-new-labels still refits: the model would not match.
+    monkeypatch.setattr(sys, "argv", ["train_reward.py", "--run", str(tmp_path / "before"), "--steps", "50",
+                                      "--if-new-labels", *after])
+    train_reward.main()
+    assert C.load_reward_model(str(tmp_path / "before")).reward_state == "after"
+    # A model that also sees the action always gets the state the action was chosen in, whatever the flag.
+    fitted("obs+act", o, "--inputs", "obs+act", *after)
+    assert C.load_reward_model(str(tmp_path / "obs+act")).reward_state == "before"
+
+
+def test_segment_reward_input_drops_the_first_state_only_for_a_model_of_the_state_after():
+    obs, acts = np.arange(2 * 4 * 3).reshape(2, 4, 3), np.ones((2, 4, 1))
+    np.testing.assert_array_equal(C.segment_reward_input(obs, acts, "obs", "before"), obs)
+    np.testing.assert_array_equal(C.segment_reward_input(obs, acts, "obs", "after"), obs[:, 1:])
+    assert C.segment_reward_input(obs, acts, "obs+act", "after").shape == (2, 4, 4)
+
+    # Disagreement selection sums a model's rewards over the same states it was fitted to.
+    torch.manual_seed(0)
+    pool = {"obs": np.random.default_rng(0).normal(size=(5, 4, 3)), "acts": np.zeros((5, 4, 1))}
+    for state, states in (("before", pool["obs"]), ("after", pool["obs"][:, 1:])):
+        model = C.build_reward_ensemble(3, members=2, reward_state=state)
+        with torch.no_grad():
+            expected = model(torch.as_tensor(states, dtype=torch.float32).reshape(-1, 3)).reshape(2, 5, -1).sum(-1)
+        np.testing.assert_allclose(collect.segment_returns_per_member(model, pool), expected.numpy(), rtol=1e-5)

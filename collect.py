@@ -275,21 +275,22 @@ class ClipRenderer:
         return np.stack(out)
 
     def write(self, path, qpos, qvel):
-        """Render to a temp file and rename it, so that a clip on disk is always whole (a crash leaves only a
-        .tmp-* file, which nothing reads and open_run removes later)."""
+        """Encode to a scratch file (ffmpeg writes files), then write its bytes with write_atomic, so that a
+        clip on disk is always whole and fsynced (a crash leaves only .tmp-* files, which nothing reads and
+        open_run removes later)."""
         import imageio.v2 as imageio
         frames = self.frames(qpos, qvel)
-        tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+        tmp = os.path.join(os.path.dirname(path), ".tmp-encode-" + os.path.basename(path))
         try:
             with imageio.get_writer(tmp, fps=self.fps, codec="libx264", quality=7, macro_block_size=16,
                                     ffmpeg_log_level="error") as writer:
                 for frame in frames:
                     writer.append_data(frame)
-            os.replace(tmp, path)
-        except BaseException:
+            with open(tmp, "rb") as f:
+                C.write_atomic(path, f.read())
+        finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise
 
     def close(self):
         self.env.close()
@@ -351,7 +352,7 @@ def collect(args, config):
                                  .generate_state(2))
     rng = np.random.default_rng(select_seed)
 
-    model = C.load_reward_model(args.run) if args.selection == "disagreement" else None
+    model = C.load_reward_model(args.run, config) if args.selection == "disagreement" else None
     if args.selection == "disagreement" and model is None:
         print("collect: no reward model yet, so this round's pairs are chosen at random")
     pool, policy_step, mean_return = collect_segment_pool(args, config, 2 * n_pairs, rollout_seed)

@@ -3,8 +3,8 @@ factory and the two networks whose weights travel between stages in files.
 
 Every stage imports this module; no stage imports another stage. Everything a stage writes goes through
 `write_atomic` (temp file + rename) or `append_jsonl` (whole lines, flushed and fsynced), so a reader never
-sees half a file. README.md documents every file and field listed here; CRASH_SAFETY.md says what survives
-a crash.
+sees half a file. README.md documents every file and field listed here, and says what survives a crash
+("After a crash").
 """
 import contextlib
 import errno
@@ -855,13 +855,19 @@ def segment_reward_input(obs, acts, inputs, reward_state):
     return x[:, 1:] if inputs == "obs" and reward_state == "after" else x
 
 
-def load_reward_model(run_dir):
-    """The run's saved reward ensemble, or None if train_reward.py has not run yet."""
+def load_reward_model(run_dir, config=None):
+    """The run's saved reward ensemble, or None if train_reward.py has not run yet. Given the run's config,
+    a model whose input does not fit the run's env (a file copied from another run) is refused."""
     path = os.path.join(run_dir, REWARD_MODEL)
     if not os.path.exists(path):
         return None
     model = reward_model_from_checkpoint(load_torch(path, "reward model"), path)
     model.eval()
+    if config is not None:
+        expected = config["obs_shape"][0] + (config["act_shape"][0] if model.inputs == "obs+act" else 0)
+        if model.in_dim != expected:
+            raise UserError(f"{path} expects {model.in_dim} inputs, but {config['env_id']} gives it {expected} "
+                            f"({model.inputs}); it is from another env's run")
     return model
 
 

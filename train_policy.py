@@ -15,6 +15,7 @@ it, so loop.sh can alternate it with the reward trainer.
 Reads: config.json, reward_model.pt, policy.pt. Writes: policy.pt, metrics.jsonl, learning_curve.png.
 """
 import argparse
+import io
 import os
 import resource
 import time
@@ -69,7 +70,21 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (small nets: 1 is fastest)")
     p.add_argument("--save-every", type=int, default=20, help="updates between checkpoints")
     p.add_argument("--no-plot", action="store_true", help="do not redraw learning_curve.png")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # A mistyped flag is one sentence now, before the run directory is touched, rather than a traceback later.
+    rules = {"--total-steps": args.total_steps >= 0, "--num-envs": args.num_envs >= 1,
+             "--num-steps": args.num_steps >= 1,
+             "--num-minibatches": 1 <= args.num_minibatches <= args.num_envs * args.num_steps,
+             "--update-epochs": args.update_epochs >= 1, "--lr": args.lr > 0, "--gamma": 0 <= args.gamma <= 1,
+             "--gae-lambda": 0 <= args.gae_lambda <= 1, "--clip-coef": args.clip_coef > 0,
+             "--ent-coef": args.ent_coef >= 0, "--explore-coef": args.explore_coef >= 0,
+             "--vf-coef": args.vf_coef >= 0, "--max-grad-norm": args.max_grad_norm > 0,
+             "--target-kl": args.target_kl is None or args.target_kl > 0, "--hidden": args.hidden >= 1,
+             "--threads": args.threads >= 1, "--save-every": args.save_every >= 1}
+    for flag, ok in rules.items():
+        if not ok:
+            p.error(f"argument {flag}: value out of range (see --help)")
+    return args
 
 
 # ------------------------------------------------------------------------------------- PPO arithmetic
@@ -439,10 +454,10 @@ def plot_learning_curve(run_dir):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.path.join(run_dir, C.LEARNING_CURVE)
-    tmp = os.path.join(run_dir, ".tmp-" + C.LEARNING_CURVE)
-    fig.savefig(tmp, dpi=100, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    C.write_atomic(path, png.getvalue())
     return path
 
 
@@ -462,19 +477,21 @@ def main():
                           "env processes")
     if args.explore_coef and args.reward == "true":
         raise C.UserError("--explore-coef needs the learned reward: it is the reward ensemble's disagreement")
+    if args.reward_state and args.reward == "true":
+        raise C.UserError("--reward-state is about the learned reward; the env's own reward is always of the "
+                          "state the action led to")
     torch.set_num_threads(args.threads)
     config = C.open_run(args.run, args.env, args.seed, env_kwargs=args.env_kwargs)
     obs_dim, act_dim = config["obs_shape"][0], config["act_shape"][0]
     reward_model = None
     if args.reward == "learned":  # (with --overlap, loaded here to check it; the worker loads its own)
-        reward_model = C.load_reward_model(args.run)
+        reward_model = C.load_reward_model(args.run, config)
         if reward_model is None:
             raise C.UserError(f"{args.run} has no {C.REWARD_MODEL} yet; run train_reward.py first, or train "
                               f"on the env's reward with --reward true")
-        expected = obs_dim + (act_dim if reward_model.inputs == "obs+act" else 0)
-        if reward_model.in_dim != expected:
-            raise C.UserError(f"{C.REWARD_MODEL} expects {reward_model.in_dim} inputs, but {config['env_id']} "
-                              f"gives it {expected} ({reward_model.inputs})")
+        if args.reward_state == "after" and reward_model.inputs != "obs":
+            raise C.UserError(f"--reward-state after needs a model of the observation alone; {C.REWARD_MODEL} "
+                              f"also sees the action, so it is given the state the action was chosen in")
         if args.explore_coef and reward_model.members < 2:
             raise C.UserError(f"--explore-coef needs a reward ensemble of at least 2 members; {C.REWARD_MODEL} "
                               f"has {reward_model.members}")

@@ -1,4 +1,4 @@
-"""Stage 3 of the loop: fit the reward model r(obs, action) to the teacher's preferences.
+"""Stage 3 of the loop: fit the reward model r(obs) (or the paper's r(obs, action)) to the teacher's preferences.
 
 The model is an ensemble of small MLPs (the paper's: 2 hidden layers of 64, leaky ReLU). Each member is
 fitted on its own bootstrap resample of the labels and holds out its own 1/e of them for validation. The
@@ -85,6 +85,9 @@ def parse_args(argv=None):
     for flag, ok in rules.items():
         if not ok:
             p.error(f"argument {flag}: value out of range (see --help)")
+    if args.reward_state == "after" and args.inputs != "obs":
+        p.error("argument --reward-state: after needs --inputs obs (a model that also sees the action is given "
+                "the state the action was chosen in)")
     return args
 
 
@@ -204,7 +207,7 @@ def fit(x, left, right, target, is_val, counts, args, model=None, l2=None, seed=
     members = is_val.shape[0]
     if model is None:
         model = C.build_reward_ensemble(x.shape[-1], members, args.hidden, args.layers, args.inputs,
-                                        rewarded_state(args))
+                                        args.reward_state)
         flat = x.reshape(-1, x.shape[-1])
         model.in_mean.copy_(flat.mean(0))
         model.in_std.copy_(flat.std(0).clamp_min(1e-3))
@@ -289,12 +292,6 @@ def save_model(path, model, l2, labels):
                                "labels_digest": labels_digest(labels), "format_version": C.FORMAT_VERSION})
 
 
-def rewarded_state(args):
-    """The state the model rewards a step for, as recorded in it: --reward-state for a model of the
-    observation; a model that also sees the action always gets the state the action was chosen in."""
-    return args.reward_state if args.inputs == "obs" else "before"
-
-
 def in_range_share(ratios, target_ratio):
     """Share of the L2 adaptations (all members) that found val/train loss in range; None if there were none."""
     ratios = np.ravel(ratios)
@@ -326,7 +323,7 @@ def main():
     saved = None if ckpt is None else C.reward_model_from_checkpoint(ckpt, path)
     same_architecture = saved is not None and \
         (saved.members, saved.hidden, saved.layers, saved.inputs, saved.reward_state) == \
-        (args.members, args.hidden, args.layers, args.inputs, rewarded_state(args))
+        (args.members, args.hidden, args.layers, args.inputs, args.reward_state)
     # Decided before the segments are read: once the budget is spent, loop.sh calls this every round.
     if args.if_new_labels and same_architecture and ckpt.get("labels_digest") == labels_digest(labels):
         print(f"train_reward: no new labels since {C.REWARD_MODEL} was fitted ({len(labels)}); it stays as it is")
@@ -342,7 +339,7 @@ def main():
                           f"{C.SEGMENTS_DIR}/ (e.g. {sorted(missing)[0]})")
 
     x = torch.as_tensor(C.segment_reward_input(segments["obs"], segments["acts"], args.inputs,
-                                               rewarded_state(args)))  # (S, T or T-1, D)
+                                               args.reward_state))  # (S, T or T-1, D)
     left = torch.as_tensor([index[queries[l["query_id"]]["left"]] for l in labels])
     right = torch.as_tensor([index[queries[l["query_id"]]["right"]] for l in labels])
     target = torch.as_tensor([C.preference_target(l["choice"]) for l in labels], dtype=torch.float32)

@@ -192,7 +192,8 @@ def main():
     rows = []
     for env_id in args.envs:
         pool = build_pool(args, env_id)
-        x = torch.as_tensor(C.reward_input(pool["obs"], pool["acts"], train_args.inputs))
+        x = torch.as_tensor(C.segment_reward_input(pool["obs"], pool["acts"], train_args.inputs,
+                                                   train_args.reward_state))
         rng = np.random.default_rng(args.seed)
         order = rng.permutation(len(x))
         held, train_segments = order[:args.eval_segments], order[args.eval_segments:]

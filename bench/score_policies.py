@@ -43,18 +43,21 @@ def episode_rewards(env, policy, reward_model, seed, deterministic=False):
     entries "reward_*" that MuJoCo envs report, whose sum is the true reward)."""
     import torch
     obs, _ = env.reset(seed=seed)
-    observations, actions, true_rewards, terms, done = [], [], [], {}, False
+    observations, actions, led_to, true_rewards, terms, done = [], [], [], [], {}, False
     while not done:
         action = policy.act(obs[None], deterministic=deterministic)[0]
         observations.append(obs)
         actions.append(action)
         obs, reward, terminated, truncated, info = env.step(action)
+        led_to.append(obs)
         true_rewards.append(float(reward))
         for key in info:
             if key.startswith("reward_"):
                 terms[key[len("reward_"):]] = terms.get(key[len("reward_"):], 0.0) + float(info[key])
         done = terminated or truncated
-    x = torch.as_tensor(C.reward_input(np.array(observations), np.array(actions), reward_model.inputs))
+    # Each step's reward of the state the model was fitted to reward it for (contract.REWARD_STATES).
+    rewarded = led_to if reward_model.inputs == "obs" and reward_model.reward_state == "after" else observations
+    x = torch.as_tensor(C.reward_input(np.array(rewarded), np.array(actions), reward_model.inputs))
     with torch.no_grad():
         learned_rewards = reward_model.normalized_reward(x.float()).numpy()
     return np.array(true_rewards), learned_rewards, terms, np.array(observations)

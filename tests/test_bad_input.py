@@ -174,6 +174,18 @@ def test_a_policy_of_another_env_in_train_policy(run):
     refused(run, "train_policy", "--total-steps", "256", says="policy.pt")
 
 
+@pytest.mark.parametrize("name, args", [("collect", ("--pairs", "2")), ("train_policy", ("--total-steps", "256"))])
+def test_a_reward_model_of_another_env(run, name, args):
+    """A well-formed reward_model.pt of an env with 11 observations (Hopper's), copied into a HalfCheetah run."""
+    import torch
+    model = C.build_reward_ensemble(11)
+    C.save_torch_atomic(os.path.join(run, C.REWARD_MODEL), {
+        "model": model.state_dict(), "members": 3, "hidden": 64, "layers": 2, "in_dim": 11, "inputs": "obs",
+        "reward_state": "before", "l2": [0.01] * 3, "labels": 6, "format_version": C.FORMAT_VERSION})
+    assert torch.equal(C.load_reward_model(run).in_mean, model.in_mean)  # readable, only not for this env
+    refused(run, name, *args, says=(C.REWARD_MODEL, "expects 11 inputs, but HalfCheetah-v5 gives it 17 (obs)"))
+
+
 def test_the_loop_on_a_corrupt_checkpoint(run):
     C.log_metrics(run, "evaluate", policy="random", policy_step=0, episodes=1, true_return_mean=0.0,
                   true_return_std=0.0, clip=None)  # so that loop.sh goes straight to the policy's step
@@ -368,6 +380,34 @@ def test_env_kwargs_that_are_not_a_json_object(tmp_path, text):
 def test_overlap_with_async_envs(run):
     refused(run, "train_policy", "--reward", "true", "--overlap", "--async-envs",
             says="--overlap and --async-envs do not combine")
+
+
+def test_reward_state_with_the_true_reward(run):
+    refused(run, "train_policy", "--reward", "true", "--reward-state", "after",
+            says="--reward-state is about the learned reward")
+
+
+def test_reward_state_after_with_a_model_that_sees_the_action(run):
+    assert C.load_reward_model(run).inputs == "obs"
+    path = os.path.join(run, C.REWARD_MODEL)
+    checkpoint = C.load_torch(path, "reward model")
+    model = C.build_reward_ensemble(23, inputs="obs+act")
+    C.save_torch_atomic(path, {**checkpoint, "model": model.state_dict(), "in_dim": 23, "inputs": "obs+act"})
+    refused(run, "train_policy", "--total-steps", "256", "--reward-state", "after",
+            says="--reward-state after needs a model of the observation alone")
+
+
+@pytest.mark.parametrize("flags", [("--num-minibatches", "0"), ("--num-minibatches", "5000"), ("--num-steps", "0"),
+                                   ("--save-every", "0"), ("--num-envs", "0"), ("--threads", "0"),
+                                   ("--lr", "-1")])
+def test_out_of_range_policy_flags(run, flags):
+    """One sentence before anything is written, not a ZeroDivisionError half-way (5000 minibatches of the
+    tiny stage's batch of 2 envs x 64 steps = 128 rows would each be empty)."""
+    before = snapshot(run)
+    result = stage("train_policy", run, "--total-steps", "256", *flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"argument {flags[0]}: value out of range" in result.stderr
+    assert snapshot(run) == before
 
 
 def test_negative_anneal_steps(run):

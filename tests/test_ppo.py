@@ -309,7 +309,7 @@ def test_a_failing_rollout_worker_is_reported_not_waited_for(tmp_path, monkeypat
     the learner raises instead of waiting for a rollout that will never come."""
     config = C.open_run(str(tmp_path / "run"), "InvertedPendulum-v5")
     args = train_policy.parse_args(["--run", str(tmp_path / "run"), "--reward", "true", "--num-envs", "1",
-                                    "--num-steps", "4", "--overlap"])
+                                    "--num-steps", "4", "--num-minibatches", "1", "--overlap"])
     net = C.build_actor_critic(4, 1)
     rollouts = train_policy.OverlappedRollouts(args, config, net, C.RunningMeanStd((4,)), C.RunningMeanStd(()), 0)
     batch, episodes = rollouts.collect(net)  # a working worker first
@@ -352,8 +352,8 @@ def test_exploration_bonus_is_the_ensembles_disagreement_decaying_with_the_learn
     monkeypatch.setattr(train_policy, "scale_rewards", lambda rewards, *rest, **kw: rewards.astype(np.float32))
 
     def collect(coef):
-        args = train_policy.parse_args(["--run", run, "--num-envs", "2", "--num-steps", "8", "--total-steps",
-                                        "1000", "--explore-coef", str(coef)])
+        args = train_policy.parse_args(["--run", run, "--num-envs", "2", "--num-steps", "8", "--num-minibatches",
+                                        "1", "--total-steps", "1000", "--explore-coef", str(coef)])
         torch.manual_seed(0)
         net = C.build_actor_critic(4, 1)
         rollouts = train_policy.Rollouts(args, config, reward_model, C.RunningMeanStd((4,)), C.RunningMeanStd(()),

@@ -173,6 +173,9 @@ class Rollouts:
         self.envs = make_envs(args, config)
         self.low, self.high = self.envs.single_action_space.low, self.envs.single_action_space.high
         self.step = start_step
+        # Which state the learned reward is of, fixed for the run: --reward-state, else what the model was fitted to.
+        self.reward_after = reward_model is not None and reward_model.inputs == "obs" and \
+            (args.reward_state or reward_model.reward_state) == "after"
         n = args.num_envs
         self.raw_obs, _ = self.envs.reset(seed=config["seed"] * 10_007 + start_step)
         self.next_done = torch.zeros(n)
@@ -206,7 +209,7 @@ class Rollouts:
             done = np.logical_or(terminated, truncated)
             if reward_model is not None:
                 rewarded_obs = self.raw_obs
-                if reward_model.inputs == "obs" and (args.reward_state or reward_model.reward_state) == "after":
+                if self.reward_after:
                     # The state the action led to (an ended episode's final observation, not the next one's
                     # first), so that an action changes its own step's reward, as it changes the env's.
                     rewarded_obs = next_raw.copy()

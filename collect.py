@@ -85,6 +85,8 @@ def parse_args(argv=None):
         p.error(f"argument --mean-action-share: must be at most 1, not {args.mean_action_share}")
     if args.pretrain_fraction > 1:
         p.error(f"argument --pretrain-fraction: must be at most 1, not {args.pretrain_fraction}")
+    if not args.evaluate and args.pairs is None and (args.label_budget is None or args.schedule_steps is None):
+        p.error("give either --pairs N or both --label-budget and --schedule-steps")
     return args
 
 
@@ -201,8 +203,6 @@ def pairs_due(args, policy_step, asked):
     crash ask for nothing twice."""
     if args.pairs is not None:
         return args.pairs
-    if args.label_budget is None or args.schedule_steps is None:
-        raise C.UserError("give either --pairs N or both --label-budget and --schedule-steps")
     total_steps = max(1, args.schedule_steps)
     c = args.decay_steps or total_steps / 4
     progress = math.log1p(min(policy_step, total_steps) / c) / math.log1p(total_steps / c)

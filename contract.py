@@ -320,7 +320,7 @@ def make_env(env_id, env_kwargs=None, render_size=None):
     except (gym.error.Error, ImportError) as e:  # ImportError: an id of the form module:Name-v0
         reason = " ".join(str(e).split()).rstrip(".").replace(". ", "; ")
         raise UserError(f"unknown or unavailable environment id {env_id!r} ({reason})")
-    except TypeError as e:
+    except (TypeError, ValueError, ArithmeticError) as e:  # e.g. {"frame_skip": 0} divides by zero
         raise UserError(f"environment {env_id!r} does not accept these arguments: {e}")
     return _height_reward(env, height_weight) if height_weight else env
 
@@ -374,7 +374,7 @@ def env_kwargs_flag(text):
 # The fields of config.json every stage relies on, with their types (others are checked where they are used;
 # test fixtures write only these).
 CONFIG_FIELDS = {"format_version": int, "env_id": str, "env_kwargs": dict, "seed": int, "dt": (int, float),
-                 "segment_steps": int}
+                 "segment_steps": int, "obs_shape": list, "act_shape": list, "nq": int, "nv": int}
 STALE_TEMP_SECONDS = 3600
 
 
@@ -397,7 +397,9 @@ def read_config(run_dir):
         raise UserError(f"{run_dir} was made with data format version {config.get('format_version')}, "
                         f"this code reads version {FORMAT_VERSION}; start a new run directory")
     for key, kind in CONFIG_FIELDS.items():
-        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+        value = config.get(key)
+        if (not isinstance(value, kind) or isinstance(value, bool)
+                or key in ("obs_shape", "act_shape") and not (len(value) == 1 and type(value[0]) is int)):
             raise UserError(f"{path} lacks a valid {key!r}, so it was not written by this code or was edited; "
                             f"restore it or start a new run directory")
     return config
@@ -446,6 +448,12 @@ def open_run(run_dir, env_id=None, seed=0, segment_seconds=None, create=True, en
     env = make_env(env_id, env_kwargs)
     try:
         check_env(env, env_id)
+        try:  # kwargs of the wrong type pass gym.make and fail on the first step; the run would be stuck with them
+            env.reset(seed=0)
+            env.step(env.action_space.sample())
+        except Exception as e:
+            raise UserError(f"{env_id} with env kwargs {json.dumps(env_kwargs)} fails on its first step "
+                            f"({type(e).__name__}: {e}); fix --env-kwargs")
     except UserError:
         env.close()
         raise

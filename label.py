@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -79,7 +80,7 @@ def load_behaviour(name):
     sys.path.insert(0, os.getcwd())
     try:
         return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as e:
+    except (ImportError, AttributeError, ValueError, TypeError) as e:  # ValueError, TypeError: ":f", ".m:f"
         raise C.UserError(f"cannot load behaviour {name!r}: {e}")
 
 
@@ -325,11 +326,21 @@ class Pairs:
             for qid in holding:
                 if self._may_see(qid, labeler, now):
                     self.reserved[qid][labeler] = now + self.hold
-            for qid in self.open:
-                if qid not in holding and self._may_see(qid, labeler, now):
+            for qid in list(self.open):
+                if qid not in holding and self._may_see(qid, labeler, now) and self._clips_still_there(qid):
                     self.reserved[qid][labeler] = now + self.hold
                     return {"query_id": qid, **self.queries[qid]}
             return None
+
+    def _clips_still_there(self, qid):
+        """Whether both clips of open pair qid are still on disk; a pair that lost one while the server ran
+        is counted as without clips from then on, as it would have been had it been missing at the start."""
+        urls = self.queries[qid].values()
+        if all(os.path.isfile(os.path.join(self.clips, urllib.parse.unquote(url[len("clips/"):]))) for url in urls):
+            return True
+        self.queries[qid] = None
+        self.open.pop(bisect.bisect_left(self.open, qid))
+        return False
 
     @contextlib.contextmanager
     def _labels_locked(self):
@@ -545,14 +556,17 @@ def serve(args):
         raise C.UserError(f"refusing to serve on {args.host} without --token, since anyone who can reach it "
                           f"could watch the clips and write labels")
     app = create_app(args.run, args.instructions, args.token, args.opinions, args.hold, args.fraction)
+    try:  # a port in use would otherwise be werkzeug's own two lines and exit status 1, after our first line
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug's server does
+            probe.bind((args.host, args.port))
+    except OSError as e:
+        raise C.UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port")
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"label: labeling page http://{host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
           + f" (dashboard: /dashboard), run {args.run}; Ctrl-C stops", flush=True)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-    try:
-        app.run(host=args.host, port=args.port, threaded=True)
-    except OSError as e:
-        raise C.UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port")
+    app.run(host=args.host, port=args.port, threaded=True)
 
 
 def parse_args(argv=None):
@@ -588,7 +602,20 @@ def parse_args(argv=None):
     w.add_argument("--run", required=True, help="run directory")
     w.add_argument("--fraction", type=float, default=0.75, help="share of all pairs that must have an answer")
     w.add_argument("--interval", type=float, default=2.0, help="seconds between two looks at labels.jsonl")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # A mistyped flag is one sentence now, not a traceback later or, for a teacher, wrong answers on disk.
+    rules = {}
+    if args.command == "teach":
+        rules = {"--beta": args.beta >= 0, "--gamma": 0 <= args.gamma <= 1, "--mistake": 0 <= args.mistake <= 1,
+                 "--skip": 0 <= args.skip < np.inf, "--equal": 0 <= args.equal < np.inf}
+    elif args.command == "serve":
+        rules = {"--port": 1 <= args.port <= 65535}
+    elif args.command == "wait":
+        rules = {"--interval": 0 < args.interval < np.inf}
+    for flag, ok in rules.items():
+        if not ok:
+            p.error(f"argument {flag}: value out of range (see {args.command} --help)")
+    return args
 
 
 def main():

@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true", help="do not redraw learning_curve.png")
     args = p.parse_args(argv)
     # A mistyped flag is one sentence now, before the run directory is touched, rather than a traceback later.
-    rules = {"--total-steps": args.total_steps >= 0, "--num-envs": args.num_envs >= 1,
+    rules = {"--seed": args.seed >= 0, "--total-steps": args.total_steps >= 0, "--num-envs": args.num_envs >= 1,
              "--num-steps": args.num_steps >= 1,
              "--num-minibatches": 1 <= args.num_minibatches <= args.num_envs * args.num_steps,
              "--update-epochs": args.update_epochs >= 1, "--lr": args.lr > 0, "--gamma": 0 <= args.gamma <= 1,
@@ -484,7 +484,8 @@ def main():
         raise C.UserError("--reward-state is about the learned reward; the env's own reward is always of the "
                           "state the action led to")
     torch.set_num_threads(args.threads)
-    config = C.open_run(args.run, args.env, args.seed, env_kwargs=args.env_kwargs)
+    # Only the true reward can start a run: the learned one needs labels, so collect.py comes first.
+    config = C.open_run(args.run, args.env, args.seed, env_kwargs=args.env_kwargs, create=args.reward == "true")
     obs_dim, act_dim = config["obs_shape"][0], config["act_shape"][0]
     reward_model = None
     if args.reward == "learned":  # (with --overlap, loaded here to check it; the worker loads its own)

@@ -19,6 +19,7 @@ a condition that was interrupted). Writes the table to
 <out>/paper.md and the plot to <out>/paper.png, and prints both paths.
 """
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -220,7 +221,9 @@ def report(args, records):
         ax.legend()
     fig.tight_layout()
     png = os.path.join(args.out, "paper.png")
-    fig.savefig(png, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    C.write_atomic(png, buf.getvalue())
     table = "\n".join(lines) + "\n"
     C.write_atomic(os.path.join(args.out, "paper.md"), table.encode())
     print(table)

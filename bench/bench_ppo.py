@@ -23,6 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import contract as C  # noqa: E402
 
 SB3_SCRIPT = r'''
 import sys, time, numpy as np, torch, gymnasium as gym
@@ -84,7 +85,6 @@ def time_rollout_and_update(run, repeats=5):
     --overlap the slower of the two bounds the speed; without it, they add up."""
     import numpy as np
     import torch
-    import contract as C
     import train_policy
     torch.set_num_threads(1)
     args = train_policy.parse_args(["--run", run, "--reward", "true", "--num-envs", "8", "--num-steps", "256"])
@@ -158,8 +158,7 @@ def main():
               f"(10 epochs of 32 minibatches) {update_seconds:.3f} s, in one process (median of 5), so --overlap "
               f"is bounded by {rollout_steps / max(rollout_seconds, update_seconds):.0f} steps/s."]
     table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "ppo.md"), "w") as f:
-        f.write(table)
+    C.write_atomic(os.path.join(args.out, "ppo.md"), table.encode())
     print("\n" + table)
 
 

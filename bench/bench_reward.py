@@ -21,6 +21,7 @@ time is measured (wall and CPU seconds: the latter is what an otherwise idle mac
 so a re-run only refits. Prints a markdown table and writes it to --out/reward.md.
 """
 import argparse
+import io
 import os
 import shutil
 import subprocess
@@ -114,7 +115,9 @@ def build_pool(args, env_id):
     for env in envs:
         env.close()
     pool = {k: np.concatenate(v) for k, v in parts.items()}
-    np.savez(pool_path, **pool)
+    buf = io.BytesIO()  # atomically: a cache cut short by a kill would be loaded, and fail, on every later run
+    np.savez(buf, **pool)
+    C.write_atomic(pool_path, buf.getvalue())
     return pool
 
 
@@ -227,8 +230,7 @@ def main():
               for e, n, s, r in rows]
     lines += ["", f"Total wall time {time.time() - started:.0f} s (pool cached under {args.out}/reward_cache)."]
     table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "reward.md"), "w") as f:
-        f.write(table)
+    C.write_atomic(os.path.join(args.out, "reward.md"), table.encode())
     print("\n" + table)
 
 

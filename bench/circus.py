@@ -59,7 +59,8 @@ def frame_strip(clip_path, png_path, frames=6):
     video = imageio.mimread(clip_path, memtest=False)
     picks = np.linspace(0, len(video) - 1, frames).astype(int)
     os.makedirs(os.path.dirname(png_path), exist_ok=True)
-    imageio.imwrite(png_path, np.concatenate([video[i] for i in picks], axis=1))
+    C.write_atomic(png_path, imageio.imwrite("<bytes>", np.concatenate([video[i] for i in picks], axis=1),
+                                             extension=".png"))
 
 
 def main():

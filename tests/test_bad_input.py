@@ -95,6 +95,14 @@ def test_a_run_of_an_older_format(run, name):
     refused(run, name, says=("data format version 0", f"reads version {C.FORMAT_VERSION}"))
 
 
+def test_a_config_without_the_env_sizes(run):
+    path = os.path.join(run, C.CONFIG)
+    config = json.load(open(path))
+    del config["obs_shape"]
+    C.write_json_atomic(path, config)
+    refused(run, "train_policy", "--reward", "true", says="lacks a valid 'obs_shape'")
+
+
 @pytest.mark.parametrize("content, says", [
     (b'{"format_version": 1, "env_id": "HalfCh', "is not valid JSON"),
     (b"[1, 2]", "is not a JSON object"),
@@ -353,6 +361,18 @@ def test_env_kwargs_the_env_does_not_accept(tmp_path):
     assert not os.path.exists(run)
 
 
+@pytest.mark.parametrize("kwargs, says", [
+    ('{"ctrl_cost_weight": "0.1"}', 'HalfCheetah-v5 with env kwargs {"ctrl_cost_weight": "0.1"} fails on its first step'),
+    ('{"frame_skip": 0}', "environment 'HalfCheetah-v5' does not accept these arguments"),
+])
+def test_env_kwargs_that_gym_make_takes_but_the_env_cannot_use(tmp_path, kwargs, says):
+    """A string where a number belongs passes gym.make and fails only when the env steps: refused when the run
+    is created, or config.json would hold it and every stage after would fail on it."""
+    run = str(tmp_path / "new")
+    refused(run, "collect", "--env", "HalfCheetah-v5", "--pairs", "2", "--env-kwargs", kwargs, says=says)
+    assert not os.path.exists(run)
+
+
 @pytest.mark.parametrize("name, args", [("collect", ("--pairs", "2")), ("train_policy", ("--reward", "true"))])
 def test_a_run_made_with_other_env_kwargs(run, name, args):
     made_with = json.dumps(C.read_config(run)["env_kwargs"])
@@ -413,3 +433,73 @@ def test_out_of_range_policy_flags(run, flags):
 def test_negative_anneal_steps(run):
     refused(run, "train_policy", "--reward", "true", "--anneal-steps", "-5",
             says="--anneal-steps must be 0 (constant learning rate) or positive, not -5")
+
+
+@pytest.mark.parametrize("name, flags", [
+    ("train_policy", ("--reward", "true", "--seed", "-1")),
+    ("train_reward", ("--seed", "-1")),
+    ("train_reward", ("--epochs", "inf")),
+    ("teach", ("--mistake", "2")),
+    ("teach", ("--gamma", "nan")),
+    ("teach", ("--beta", "-1")),
+    ("teach", ("--skip", "-0.5")),
+    ("teach", ("--equal", "inf")),
+])
+def test_out_of_range_flags_of_the_other_stages(run, name, flags):
+    """A teacher's flags out of range would write wrong answers into labels.jsonl, which is never rewritten;
+    a negative seed would be a traceback from gymnasium or numpy after config.json was written."""
+    before = snapshot(run)
+    result = stage(name, run, *flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"argument {flags[-2]}: value out of range" in result.stderr
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("behaviour", [":x", ".x:y"])
+def test_a_behaviour_that_is_not_a_module_path(run, behaviour):
+    refused(run, "teach", "--behaviour", behaviour, says=f"cannot load behaviour {behaviour!r}")
+
+
+def label_py(run, *args):
+    return subprocess.run([PYTHON, "label.py", args[0], "--run", run, *args[1:]], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args", [("wait", "--interval", "-1"), ("wait", "--interval", "nan"),
+                                  ("serve", "--port", "70000")])
+def test_out_of_range_labeler_flags(run, args):
+    before = snapshot(run)
+    result = label_py(run, *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"argument {args[1]}: value out of range" in result.stderr
+    assert snapshot(run) == before
+
+
+def test_serving_on_a_port_in_use(run):
+    """One sentence and status 2 as everywhere else, not werkzeug's own lines and status 1."""
+    import socket
+    before = snapshot(run)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = label_py(run, "serve", "--port", str(port))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"cannot listen on 127.0.0.1:{port}" in errors[0], result.stderr
+    assert "labeling page" not in result.stdout  # no address is announced that nobody serves
+    assert snapshot(run) == before
+
+
+def test_collect_without_a_label_budget_creates_nothing(tmp_path):
+    run = str(tmp_path / "new")
+    result = stage("collect", run, "--env", "HalfCheetah-v5")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "give either --pairs N or both --label-budget and --schedule-steps" in result.stderr
+    assert not os.path.exists(run)
+
+
+def test_the_learned_reward_cannot_start_a_run(tmp_path):
+    run = str(tmp_path / "new")
+    refused(run, "train_policy", "--env", "Hopper-v5", says=f"{run} is not a run directory (no config.json)")
+    assert not os.path.exists(run)

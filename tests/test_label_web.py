@@ -38,7 +38,8 @@ def make_run(path, clip_files, n_queries=3, first=0):
     os.makedirs(path / C.CLIPS_DIR, exist_ok=True)
     if not (path / C.CONFIG).exists():
         C.write_json_atomic(str(path / C.CONFIG), {"format_version": C.FORMAT_VERSION, "env_id": "HalfCheetah-v5",
-                                                   "env_kwargs": {}, "seed": 0, "dt": 0.05, "segment_steps": 30})
+                                                   "env_kwargs": {}, "seed": 0, "dt": 0.05, "segment_steps": 30,
+                                                   "obs_shape": [17], "act_shape": [6], "nq": 9, "nv": 9})
         for i in CLIP_IDS:
             shutil.copy(clip_files / f"{i}.mp4", path / C.CLIPS_DIR / f"{i}.mp4")
     add_queries(path, range(first, first + n_queries))
@@ -164,6 +165,16 @@ def test_a_query_naming_a_clip_outside_clips_is_never_shown(run, clock):
     assert shown == [0, 1, 2, 6]
     assert next_pair(client, "l9") is None
     assert client.get("/api/status").json["without_clips"] == 3
+
+
+def test_a_clip_that_disappears_while_the_labeler_runs_is_no_longer_offered(run, clock):
+    client = label.create_app(run, clock=clock).test_client()
+    assert next_pair(client, "ann")["query_id"] == 0
+    assert client.get("/api/status").json["without_clips"] == 0
+    os.remove(os.path.join(run, "clips", "2.mp4"))  # pair 1 shows clips 1 and 2, pair 2 clips 2 and 3
+    assert next_pair(client, "bob") is None
+    assert client.get("/api/status").json["without_clips"] == 2
+    assert answer(client, 0, "left", "ann").status_code == 200  # the pair on screen can still be answered
 
 
 # ------------------------------------------------------------------------------- pairs and answers

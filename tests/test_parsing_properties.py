@@ -234,7 +234,8 @@ def web_run(tmp_path_factory):
     os.makedirs(os.path.join(run, C.CLIPS_DIR))
     C.write_json_atomic(os.path.join(run, C.CONFIG), {"format_version": C.FORMAT_VERSION,
                                                        "env_id": "HalfCheetah-v5", "env_kwargs": {}, "seed": 0,
-                                                       "dt": 0.05, "segment_steps": 30})
+                                                       "dt": 0.05, "segment_steps": 30, "obs_shape": [17],
+                                                       "act_shape": [6], "nq": 9, "nv": 9})
     C.append_jsonl(os.path.join(run, C.QUERIES), [
         {"query_id": q, "left": 2 * q, "right": 2 * q + 1, "left_clip": None, "right_clip": None, "round": 0,
          "selection": "random", "policy_step": 0, "time": 1.0} for q in range(4)])

@@ -14,21 +14,22 @@ venv: .venv/.installed
 
 # A short unattended loop with the oracle teacher on HalfCheetah-v5; prints random vs trained return.
 demo: venv
-	RUN=$(RUN) ./loop.sh
+	RUN="$(RUN)" ./loop.sh
 
 loop: venv
-	RUN=$(RUN) ./loop.sh
+	RUN="$(RUN)" ./loop.sh
 
 # People label in the browser (make label) while this loop waits for their answers.
 loop-human: venv
-	RUN=$(RUN) TEACHER=human ./loop.sh
+	RUN="$(RUN)" TEACHER=human ./loop.sh
 
 label: venv
-	$(PYTHON) label.py serve --run $(RUN)
+	$(PYTHON) label.py serve --run "$(RUN)"
 
-# The browser test drives Debian's chromium; install it if it is missing (CI runs as root).
+# The browser test drives Debian's chromium and chromedriver in /usr/bin (another one on PATH would leave it
+# skipped); install them if they are missing (CI runs as root).
 browser:
-	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { \
+	@{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 

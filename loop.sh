@@ -6,6 +6,9 @@
 #   TEACHER=human ./loop.sh          # people answer in the web labeler (python label.py serve)
 # Re-running the same command resumes: each stage only does what is still missing.
 set -euo pipefail
+# The stages run from the repository; a RUN or PYTHON given relative to where the loop was started stays so.
+case "${RUN:-}" in ""|/*) ;; *) RUN="$PWD/$RUN" ;; esac
+case "${PYTHON:-}" in ""|/*) ;; */*) PYTHON="$PWD/$PYTHON" ;; esac
 cd "$(dirname "$0")"
 
 RUN=${RUN:-data/demo}
@@ -40,6 +43,12 @@ POLICY_FLAGS=${POLICY_FLAGS:-}            # more train_policy.py flags, e.g. "--
 EVAL_EPISODES=${EVAL_EPISODES:-5}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 export MUJOCO_GL=${MUJOCO_GL:-egl}
+
+refuse() { echo "error: $*" >&2; exit 2; }
+case "$TEACHER" in oracle|synthetic|human) ;; *) refuse "TEACHER must be oracle, synthetic or human, not '$TEACHER'" ;; esac
+case "$CLIPS" in auto|1|0) ;; *) refuse "CLIPS must be auto, 1 or 0, not '$CLIPS'" ;; esac
+[ "$TEACHER" = human ] && [ "$CLIPS" = 0 ] && refuse "TEACHER=human needs clips to show people; drop CLIPS=0"
+[[ "$EVAL_EPISODES" =~ ^[1-9][0-9]*$ ]] || refuse "EVAL_EPISODES must be a whole number of at least 1, not '$EVAL_EPISODES'"
 
 clip_flag=--no-clips
 if [ "$CLIPS" = 1 ] || { [ "$CLIPS" = auto ] && [ "$TEACHER" = human ]; }; then clip_flag=; fi

@@ -503,3 +503,32 @@ def test_the_learned_reward_cannot_start_a_run(tmp_path):
     run = str(tmp_path / "new")
     refused(run, "train_policy", "--env", "Hopper-v5", says=f"{run} is not a run directory (no config.json)")
     assert not os.path.exists(run)
+
+
+# ------------------------------------------------------------------------------------------ loop.sh
+
+@pytest.mark.parametrize("variables, says", [
+    ({"TEACHER": "Human"}, "TEACHER must be oracle, synthetic or human, not 'Human'"),
+    ({"CLIPS": "2"}, "CLIPS must be auto, 1 or 0, not '2'"),
+    ({"TEACHER": "human", "CLIPS": "0"}, "TEACHER=human needs clips to show people"),
+    ({"EVAL_EPISODES": "0"}, "EVAL_EPISODES must be a whole number of at least 1, not '0'"),
+])
+def test_loop_variables_it_cannot_use(tmp_path, variables, says):
+    """Refused before any stage runs: an unknown TEACHER fell through to the oracle, people without clips
+    waited forever, EVAL_EPISODES=0 failed in collect.py with a sentence about --pairs."""
+    run = str(tmp_path / "new")
+    result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, env={**os.environ, "RUN": run, **variables},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {says}"), result.stderr
+    assert not os.path.exists(run)
+
+
+def test_loop_keeps_a_relative_run_directory_where_it_was_started(tmp_path):
+    """loop.sh runs the stages from the repository; RUN=rel from elsewhere must still mean ./rel, as it does
+    for `label.py serve --run rel` started there."""
+    result = subprocess.run(["bash", os.path.join(ROOT, "loop.sh")], cwd=tmp_path,
+                            env={**os.environ, "RUN": "rel", "ENV_ID": "Nope-v0"}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "unknown or unavailable environment id 'Nope-v0'" in result.stderr
+    assert f"--run {tmp_path}/rel " in result.stderr, result.stderr

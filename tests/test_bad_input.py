@@ -78,7 +78,8 @@ def lines(path):
 ])
 def test_an_unknown_env_id(tmp_path, name, env_id, says):
     run = str(tmp_path / "new")
-    refused(run, name, "--env", env_id, *(["--reward", "true"] if name == "train_policy" else []), says=says)
+    refused(run, name, "--env", env_id, *(["--reward", "true"] if name == "train_policy" else ["--pairs", "2"]),
+            says=says)
     assert not os.path.exists(run)  # not even the directory
 
 
@@ -92,7 +93,8 @@ def test_a_run_of_an_older_format(run, name):
     path = os.path.join(run, C.CONFIG)
     config = json.load(open(path))
     C.write_json_atomic(path, {**config, "format_version": 0})
-    refused(run, name, says=("data format version 0", f"reads version {C.FORMAT_VERSION}"))
+    refused(run, name, *(["--pairs", "2"] if name == "collect" else []),
+            says=("data format version 0", f"reads version {C.FORMAT_VERSION}"))
 
 
 def test_a_config_without_the_env_sizes(run):
@@ -134,7 +136,8 @@ def flip_a_byte(path):
 def test_a_truncated_or_corrupt_segment_file(run, name, damage):
     path = os.path.join(run, C.SEGMENTS_DIR, "round_0000.npz")
     damage(path)
-    refused(run, name, says=f"segment file {path} is corrupt or truncated")
+    refused(run, name, *(["--pairs", "2"] if name == "collect" else []),
+            says=f"segment file {path} is corrupt or truncated")
 
 
 def test_a_segment_file_of_another_run(run, tmp_path):
@@ -356,8 +359,8 @@ def test_a_full_disk_in_process_keeps_the_old_artifact(tmp_path, monkeypatch):
 
 def test_env_kwargs_the_env_does_not_accept(tmp_path):
     run = str(tmp_path / "new")
-    refused(run, "collect", "--env", "HalfCheetah-v5", "--env-kwargs", '{"terminate_when_unhealthy": true}',
-            says="environment 'HalfCheetah-v5' does not accept these arguments")
+    refused(run, "collect", "--env", "HalfCheetah-v5", "--pairs", "2", "--env-kwargs",
+            '{"terminate_when_unhealthy": true}', says="environment 'HalfCheetah-v5' does not accept these arguments")
     assert not os.path.exists(run)
 
 
@@ -383,7 +386,7 @@ def test_a_run_made_with_other_env_kwargs(run, name, args):
 @pytest.mark.parametrize("env_id, weight", [("HalfCheetah-v5", "1.0"), ("Hopper-v5", '"high"')])
 def test_a_height_reward_where_there_is_none(tmp_path, env_id, weight):
     run = str(tmp_path / "new")
-    refused(run, "collect", "--env", env_id, "--env-kwargs", '{"height_reward_weight": %s}' % weight,
+    refused(run, "collect", "--env", env_id, "--pairs", "2", "--env-kwargs", '{"height_reward_weight": %s}' % weight,
             says=f"height_reward_weight must be a number and is for Hopper and Walker2d only, not {env_id} with")
     assert not os.path.exists(run)
 

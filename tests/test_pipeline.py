@@ -154,7 +154,7 @@ def test_the_random_rounds_pairs_show_the_hopper_before_it_falls(tmp_path, monke
         logged = [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "collect"]
         assert logged[-1]["episode_steps"] == (240 if steps == "240" else None)
     assert upright_starts["240"] >= 0.2 > 0.1 >= upright_starts["0"], upright_starts
-    assert collect.parse_args(["--run", "unused"]).random_episode_steps == 240
+    assert collect.parse_args(["--run", "unused", "--pairs", "1"]).random_episode_steps == 240
 
 
 def test_pairs_due_follows_the_paper_schedule():

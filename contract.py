@@ -448,15 +448,16 @@ def open_run(run_dir, env_id=None, seed=0, segment_seconds=None, create=True, en
     env = make_env(env_id, env_kwargs)
     try:
         check_env(env, env_id)
-        try:  # kwargs of the wrong type pass gym.make and fail on the first step; the run would be stuck with them
-            env.reset(seed=0)
-            env.step(env.action_space.sample())
-        except Exception as e:
-            raise UserError(f"{env_id} with env kwargs {json.dumps(env_kwargs)} fails on its first step "
-                            f"({type(e).__name__}: {e}); fix --env-kwargs")
+        # kwargs of the wrong type pass gym.make and fail on the first step; the run would be stuck with them
+        env.reset(seed=0)
+        env.step(env.action_space.sample())
     except UserError:
         env.close()
         raise
+    except Exception as e:
+        env.close()
+        raise UserError(f"{env_id} with env kwargs {json.dumps(env_kwargs)} fails on its first step "
+                        f"({type(e).__name__}: {e}); fix --env-kwargs")
     dt = float(env.unwrapped.dt)
     if segment_seconds is None:
         segment_seconds = default_segment_seconds(env_id)

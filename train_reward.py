@@ -74,7 +74,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     # A mistyped flag is one sentence now rather than a traceback or a silent NaN loss later.
     rules = {"--members": args.members >= 1, "--hidden": args.hidden >= 1, "--layers": args.layers >= 1,
-             "--epochs": 0 < args.epochs < np.inf, "--seed": args.seed is None or args.seed >= 0, "--min-steps": args.min_steps >= 1, "--batch-size": args.batch_size >= 1,
+             "--epochs": 0 < args.epochs < np.inf, "--seed": args.seed is None or args.seed >= 0,
+             "--min-steps": args.min_steps >= 1, "--batch-size": args.batch_size >= 1,
              "--steps": args.steps is None or args.steps >= 1, "--lr": args.lr > 0,
              "--random-answer": 0 <= args.random_answer < 1, "--val-fraction": 0 <= args.val_fraction < 1,
              "--l2": args.l2 >= 0, "--l2-range": 0 <= args.l2_range[0] <= args.l2_range[1],

@@ -365,7 +365,8 @@ def test_env_kwargs_the_env_does_not_accept(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, says", [
-    ('{"ctrl_cost_weight": "0.1"}', 'HalfCheetah-v5 with env kwargs {"ctrl_cost_weight": "0.1"} fails on its first step'),
+    ('{"ctrl_cost_weight": "0.1"}',
+     'HalfCheetah-v5 with env kwargs {"ctrl_cost_weight": "0.1"} fails on its first step'),
     ('{"frame_skip": 0}', "environment 'HalfCheetah-v5' does not accept these arguments"),
 ])
 def test_env_kwargs_that_gym_make_takes_but_the_env_cannot_use(tmp_path, kwargs, says):

@@ -80,6 +80,9 @@ def parse_args(argv=None):
                         "and render a clip of the agent")
     p.add_argument("--clip-seconds", type=at_least(0.1, float), default=10.0,
                    help="length of the --evaluate clip")
+    p.add_argument("--if-new-policy", action="store_true",
+                   help="with --evaluate: do nothing if metrics.jsonl already has an evaluation of this very policy "
+                        "with at least as many episodes (and its clip, unless --no-clips); for re-runs of loop.sh")
     args = p.parse_args(argv)
     if args.mean_action_share > 1:
         p.error(f"argument --mean-action-share: must be at most 1, not {args.mean_action_share}")
@@ -301,6 +304,12 @@ class ClipRenderer:
 def evaluate(args, config):
     """Run whole episodes with the current policy (or random actions), log their true return and render
     the start of the first one to clips/policy_step<N>.mp4."""
+    if args.if_new_policy:
+        done = earlier_evaluation(args)
+        if done is not None:
+            print(f"evaluate: {done['policy']} policy was evaluated already ({done['episodes']} episodes, true "
+                  f"return {done['true_return_mean']:.1f}); nothing to do")
+            return
     seed = config["seed"] * 7919 + 12345
     envs = [C.make_env(config["env_id"], config["env_kwargs"]) for _ in range(args.evaluate)]
     policy, policy_step = load_policy(args, config, envs[0].action_space, seed)
@@ -320,6 +329,19 @@ def evaluate(args, config):
                   true_return_mean=float(np.mean(returns)), true_return_std=float(np.std(returns)), clip=clip)
     print(f"evaluate: {name} policy, {len(returns)} episodes, true return {np.mean(returns):.1f} "
           f"+- {np.std(returns):.1f}" + (f", clip {os.path.join(args.run, clip)}" if clip else ""))
+
+
+def earlier_evaluation(args):
+    """The last metrics.jsonl record that evaluated the policy --evaluate would evaluate now, with at least as
+    many episodes and, unless --no-clips, a clip still on disk; None if there is none. An evaluation is a pure
+    function of the run's seed and policy, so running it again would log the same figures a second time."""
+    random_policy = args.random_policy or not os.path.exists(os.path.join(args.run, C.POLICY))
+    name = "random" if random_policy else f"step{C.policy_step(args.run)}"
+    for m in reversed(C.read_jsonl(os.path.join(args.run, C.METRICS), warn=False)):
+        if (m.get("stage") == "evaluate" and m.get("policy") == name and m.get("episodes", 0) >= args.evaluate
+                and (args.no_clips or (m.get("clip") and os.path.exists(os.path.join(args.run, m["clip"]))))):
+            return m
+    return None
 
 
 def main():

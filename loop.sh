@@ -89,7 +89,9 @@ while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
       $( [ "$ENT_ANNEAL" = 1 ] && echo --ent-anneal ) $POLICY_FLAGS
 done
 
-run "$PYTHON" collect.py --run "$RUN" --evaluate "$EVAL_EPISODES" $( [ "$CLIPS" = 0 ] && echo --no-clips )
+# (--if-new-policy: a re-run of a finished loop does not evaluate the same policy again)
+run "$PYTHON" collect.py --run "$RUN" --evaluate "$EVAL_EPISODES" --if-new-policy \
+    $( [ "$CLIPS" = 0 ] && echo --no-clips )
 "$PYTHON" - "$RUN" <<'PY'
 import json, os, sys
 import contract

@@ -258,6 +258,37 @@ def test_ppo_improves_the_true_return_of_inverted_pendulum(tmp_path, flags):
     assert last > 5 * first and last > 100, (first, last)
 
 
+def test_evaluate_if_new_policy_skips_only_an_evaluation_already_logged(tmp_path):
+    """loop.sh's final evaluate runs again on every re-run; with --if-new-policy it logs a policy once, unless
+    more episodes or a clip are asked for than the logged evaluation had."""
+    run = str(tmp_path / "pendulum")
+    evaluations = lambda: [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "evaluate"]
+
+    def evaluate(*flags):
+        result = run_stage("collect.py", "--run", run, "--env", "InvertedPendulum-v5", "--if-new-policy",
+                           "--evaluate", *flags, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    evaluate("2", "--no-clips")
+    assert "evaluated already" in evaluate("2", "--no-clips") and len(evaluations()) == 1
+    evaluate("1", "--no-clips")  # fewer episodes than logged: nothing to do either
+    evaluate("3", "--no-clips")  # more: evaluated again
+    assert [e["episodes"] for e in evaluations()] == [2, 3]
+    evaluate("3")  # the logged one has no clip
+    evaluate("3")
+    assert [e["episodes"] for e in evaluations()] == [2, 3, 3] and evaluations()[-1]["clip"]
+    os.remove(os.path.join(run, evaluations()[-1]["clip"]))  # its clip gone: rendered again
+    evaluate("3")
+    assert len(evaluations()) == 4 and os.path.exists(os.path.join(run, evaluations()[-1]["clip"]))
+    # A new policy is a new evaluation.
+    result = run_stage("train_policy.py", "--run", run, "--reward", "true", "--total-steps", "256",
+                       "--num-envs", "1", "--no-plot", timeout=120)
+    assert result.returncode == 0, result.stderr
+    evaluate("3")
+    assert evaluations()[-1]["policy"] == f"step{C.policy_step(run)}" and len(evaluations()) == 5
+
+
 # ----------------------------------------------------------------------------------- end to end
 
 def agreement_with_oracle(run, round_index):
@@ -315,6 +346,8 @@ def test_loop_end_to_end_on_a_tiny_budget(tmp_path):
                             env={**os.environ, **env})
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(C.read_labels(run)) == 200 and len(C.read_queries(run)) == 200
+    # ... and does not evaluate the same agent again: one evaluation of each policy in metrics.jsonl.
+    assert len([m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "evaluate"]) == len(evals)
 
     # The reward model agrees with the oracle on pairs it never trained on: fresh ones from a new rollout.
     result = run_stage("collect.py", "--run", run, "--pairs", "150", "--selection", "random", "--no-clips",

@@ -3,14 +3,25 @@ PYTHON := .venv/bin/python
 RUN ?= data/demo
 export MUJOCO_GL ?= egl
 
-.PHONY: venv demo test test-fast browser label loop loop-human bench bench-reward bench-ppo bench-ppo-returns bench-paper bench-teachers bench-labeler circus clean-demo
+.PHONY: venv render-libs demo test test-fast browser label loop loop-human bench bench-reward bench-ppo bench-ppo-returns bench-paper bench-teachers bench-labeler circus clean-demo
 
-venv: .venv/.installed
+# PIP_FLAGS go to the install of requirements.txt, e.g. PyTorch's CPU wheels where pip would take a CUDA build
+# from PyPI: make demo PIP_FLAGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+PIP_FLAGS ?=
+venv: .venv/.installed render-libs
 .venv/.installed: requirements.txt
 	python3 -m venv .venv
 	.venv/bin/pip install --upgrade --quiet pip
-	.venv/bin/pip install -r requirements.txt
+	.venv/bin/pip install $(PIP_FLAGS) -r requirements.txt
 	touch $@
+
+# MuJoCo renders clips headless through EGL (MUJOCO_GL=egl): Mesa's software EGL from Debian's packages where
+# it is missing (on a system without apt-get, nothing is installed).
+render-libs:
+	@{ /sbin/ldconfig -p 2>/dev/null || ldconfig -p 2>/dev/null; } | grep -q libEGL_mesa.so.0 || \
+	  ! command -v apt-get >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libegl1 libegl-mesa0 libgl1-mesa-dri >/dev/null; }
 
 # A short unattended loop with the oracle teacher on HalfCheetah-v5; prints random vs trained return.
 demo: venv

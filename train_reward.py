@@ -213,7 +213,8 @@ def fit(x, left, right, target, is_val, counts, args, model=None, l2=None, seed=
         model.in_mean.copy_(flat.mean(0))
         model.in_std.copy_(flat.std(0).clamp_min(1e-3))
         l2 = None
-    l2 = np.full(members, args.l2) if l2 is None else np.asarray(l2, np.float64)
+    # Within --l2-range from the start: a warm-started model's coefficients may come from another range.
+    l2 = np.clip(np.full(members, args.l2) if l2 is None else np.asarray(l2, np.float64), *args.l2_range)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     rng = np.random.default_rng([seed, len(target)])
 

@@ -159,3 +159,34 @@ def test_upside_down_is_a_torso_pitch_beyond_90_degrees_either_way_after_any_num
     # upright, on its back, on its back pitched the other way, nose-down at 60 degrees, upright after a turn
     assert upside_down_share([0.0, 3.1, -2.0, 1.05, 6.3]) == 0.4
     assert upside_down_share([1.5, -1.5]) == 0.0 and upside_down_share([1.6, -1.6]) == 1.0
+
+
+def test_refit_rounds_repeats_the_runs_own_models_and_scores_a_variant_on_the_next_rounds_states(tmp_path):
+    """bench/refit_rounds.py: with no flags, round 0's refit is the model the loop fitted (same L2 coefficients);
+    a variant's row carries its paired difference; a run with too few rounds is one sentence."""
+    run = str(tmp_path / "run")
+    env = {**os.environ, "MUJOCO_GL": "egl", "RUN": run, "ENV_ID": "HalfCheetah-v5", "LABELS": "10",
+           "TOTAL_STEPS": "1024", "STEPS_PER_ROUND": "512", "NUM_ENVS": "2", "EVAL_EPISODES": "1", "CLIPS": "0",
+           "POLICY_FLAGS": "--num-steps 64 --num-minibatches 2"}
+    loop = subprocess.run(["bash", "loop.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert loop.returncode == 0, loop.stdout[-2000:] + loop.stderr[-2000:]
+    fitted = [m for m in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if m["stage"] == "train_reward"]
+
+    def refit(*args):
+        return subprocess.run([sys.executable, "bench/refit_rounds.py", "--runs", run, *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+
+    out = str(tmp_path / "rows.jsonl")
+    result = refit("--rounds", "1", "--flags", "", "--flags", "--l2-range 1e-5 0.001", "--out", out)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [json.loads(line) for line in open(out)]
+    assert [(r["flags"], r["round"]) for r in rows] == [("", 0), ("--l2-range 1e-5 0.001", 0)]
+    assert rows[0]["labels"] == fitted[0]["labels"]
+    assert rows[0]["l2"] == [round(v, 4) for v in fitted[0]["l2"]]  # the loop's own round-0 model, refitted
+    assert all(v <= 0.001 for v in rows[1]["l2"])
+    for row in rows:
+        assert -1 <= row["spearman"] <= 1 and 0 <= row["pair_acc"] <= 1 and -1 <= row["step_corr"] <= 1
+    assert "| (the run's own) | 0 |" in result.stdout and "| --l2-range 1e-5 0.001 | 0 |" in result.stdout
+    assert " ± " in result.stdout.split("| --l2-range 1e-5 0.001 | 0 |")[1]
+    too_many = refit("--rounds", "2")
+    assert too_many.returncode != 0 and "has 2 rounds of segments; --rounds 2 needs 3" in too_many.stderr

@@ -410,3 +410,18 @@ def test_segment_reward_input_drops_the_first_state_only_for_a_model_of_the_stat
         with torch.no_grad():
             expected = model(torch.as_tensor(states, dtype=torch.float32).reshape(-1, 3)).reshape(2, 5, -1).sum(-1)
         np.testing.assert_allclose(collect.segment_returns_per_member(model, pool), expected.numpy(), rtol=1e-5)
+
+
+def test_fit_keeps_the_l2_coefficients_within_the_range_it_is_given_from_the_first_step():
+    """A starting --l2, or a warm-started model's coefficients, outside --l2-range are clipped into it at once,
+    not only at the first adaptation (which never comes without validation labels)."""
+    torch.manual_seed(0)
+    x, left, right, target, is_val, counts, _ = linear_reward_problem(n_pairs=20)
+    no_val = np.zeros_like(is_val)
+    _, l2, report = train_reward.fit(x, left, right, target, no_val, counts,
+                                     args_for("--steps", "5", "--l2-range", "1e-5", "0.001"))
+    assert not report["ratios"] and (l2 == 0.001).all()  # --l2's default 0.01, clipped
+    model, _, _ = train_reward.fit(x, left, right, target, is_val, counts, args_for("--steps", "5"))
+    _, l2, _ = train_reward.fit(x, left, right, target, no_val, counts,
+                                args_for("--steps", "5", "--l2-range", "0.5", "1"), model, [0.3, 0.7, 2.0])
+    assert l2.tolist() == [0.5, 0.7, 1.0]

@@ -1,0 +1,132 @@
+"""Refit a finished run's reward models round by round with other train_reward.py flags, and score each round's
+model on the states the policy went to next: what a change to reward training would have done to the rewards
+the agent was given, in seconds per run instead of a whole loop per run.
+
+    .venv/bin/python bench/refit_rounds.py --rounds 4 --runs bench/out/paper-1m/Hopper-v5-700labels-s{0..7} \
+        --flags "" --flags "--l2-range 1e-5 0.1"
+
+For each run, each --flags (the first is the baseline of the paired differences) and each round r = 0 .. ROUNDS-1:
+fit the ensemble as loop.sh's train_reward.py call of round r did (warm-started from round r-1's fit, on the
+labels asked up to round r and the segments collected up to it, so that its input normalisation is the one
+train_reward.py set then), then score it on round r+1's segments, the policy's own rollouts after it had trained
+on the run's round-r model:
+  spearman   rank correlation of the predicted and the true segment returns
+  pair_acc   share of all pairs of those segments that the predicted returns order as the true ones do
+  step_corr  correlation of the per-step reward (each member normalised over these states, then averaged, as
+             the policy is given it) with the true per-step reward
+With --flags "" the fits repeat the run's own models (the L2 coefficients are those of its metrics.jsonl); the
+segments of round r+1 stay those of the run, whatever model is refitted. Prints a table (mean over runs, and each
+variant's paired difference from the first with its standard error); --out writes every row as JSON lines.
+"""
+import argparse
+import json
+import os
+import shlex
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import contract as C  # noqa: E402
+import train_reward as TR  # noqa: E402
+
+METRICS = ("spearman", "pair_acc", "step_corr")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True, help="finished loop runs (run directories)")
+    p.add_argument("--rounds", type=int, default=4, help="refit rounds 0 .. ROUNDS-1 (each needs the next round)")
+    p.add_argument("--flags", action="append", default=None,
+                   help="train_reward.py flags of one variant, quoted; repeat for more (default: one, '')")
+    p.add_argument("--out", default=None, help="write every (run, variant, round) row here as JSON lines")
+    args = p.parse_args(argv)
+    args.flags = args.flags or [""]
+    if args.rounds < 1:
+        p.error("argument --rounds: must be at least 1")
+    return args
+
+
+def refit(run, rounds, flags):
+    """The rows {round, labels, l2, spearman, pair_acc, step_corr} of one run refitted with train_reward flags."""
+    import torch
+    args = TR.parse_args(["--run", run] + shlex.split(flags))
+    torch.set_num_threads(args.threads)
+    config = C.open_run(run, create=False)
+    seed = config["seed"] if args.seed is None else args.seed
+    torch.manual_seed(seed)  # as train_reward.py's main: the same initial weights
+    queries = C.read_queries(run)
+    labels = [l for l in C.read_labels(run, queries) if C.preference_target(l["choice"]) is not None]
+    segments = C.load_segments(run)
+    if segments is None or not labels:
+        raise C.UserError(f"{run} has no segments or no labels")
+    if segments["round"].max() < rounds:
+        raise C.UserError(f"{run} has {segments['round'].max() + 1} rounds of segments; --rounds {rounds} needs "
+                          f"{rounds + 1} (each round's model is scored on the next round's segments)")
+    order = np.argsort(segments["round"], kind="stable")  # load_segments reads them in round order already
+    assert (order == np.arange(len(order))).all(), "segments are expected in round order"
+    index = {int(s): i for i, s in enumerate(segments["ids"])}
+    x = torch.as_tensor(C.segment_reward_input(segments["obs"], segments["acts"], args.inputs, args.reward_state))
+    model, l2, rows = None, None, []
+    for r in range(rounds):
+        asked = [l for l in labels if queries[l["query_id"]]["round"] <= r]
+        left = torch.as_tensor([index[queries[l["query_id"]]["left"]] for l in asked])
+        right = torch.as_tensor([index[queries[l["query_id"]]["right"]] for l in asked])
+        target = torch.as_tensor([C.preference_target(l["choice"]) for l in asked], dtype=torch.float32)
+        is_val, counts = TR.split_labels([l["query_id"] for l in asked], args.members, args.val_fraction, seed)
+        known = int((segments["round"] <= r).sum())  # the segments train_reward.py had in round r: a prefix
+        model, l2, _ = TR.fit(x[:known], left, right, target, is_val, counts, args, model, l2, seed)
+
+        following = np.flatnonzero(segments["round"] == r + 1)
+        with torch.no_grad():
+            n, t, d = x[following].shape
+            out = model(x[following].reshape(n * t, d))  # (K, n * t)
+            step_reward = ((out - out.mean(1, keepdim=True)) / out.std(1, keepdim=True)).mean(0).reshape(n, t)
+        true = segments["rewards"][following]  # (n, T)
+        if true.shape[1] != t:  # a model of the state after sees T-1 steps of each segment
+            true = true[:, :t]
+        predicted, actual = step_reward.sum(1).numpy(), true.sum(1)
+        i, j = np.triu_indices(n, 1)
+        rows.append({"round": r, "labels": len(asked), "l2": [round(float(v), 4) for v in l2],
+                     "spearman": TR.rank_correlation(predicted, actual),
+                     "pair_acc": float(np.mean((predicted[i] > predicted[j]) == (actual[i] > actual[j]))),
+                     "step_corr": float(np.corrcoef(step_reward.numpy().ravel(), true.ravel())[0, 1])})
+    return rows
+
+
+def main():
+    args = parse_args()
+    results = {}  # (flags, run) -> rows
+    out = open(args.out, "a") if args.out else None
+    for run in args.runs:
+        for flags in args.flags:
+            rows = refit(run, args.rounds, flags)
+            results[flags, run] = rows
+            if out:
+                for row in rows:
+                    print(json.dumps({"run": run, "flags": flags, **row}), file=out, flush=True)
+            print(f"refit: {run} [{flags}] " + ", ".join(f"r{row['round']} {row['pair_acc']:.3f}" for row in rows),
+                  flush=True)
+    print(f"\nmean over {len(args.runs)} runs; for each variant after the first, its paired difference from the "
+          "first (± standard error)")
+    print("| train_reward flags | round | " + " | ".join(METRICS) + " |")
+    print("|---|---|" + "---|" * len(METRICS))
+    for flags in args.flags:
+        for r in range(args.rounds):
+            cells = []
+            for metric in METRICS:
+                values = np.array([results[flags, run][r][metric] for run in args.runs])
+                cell = f"{values.mean():.3f}"
+                if flags != args.flags[0]:
+                    diff = values - np.array([results[args.flags[0], run][r][metric] for run in args.runs])
+                    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+                    cell += f" ({diff.mean():+.3f} ± {se:.3f})"
+                cells.append(cell)
+            name = flags or "(the run's own)"
+            print(f"| {name} | {r} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    C.run_main(main)

@@ -1,6 +1,6 @@
 """Refit a finished run's reward models round by round with other train_reward.py flags, and score each round's
 model on the states the policy went to next: what a change to reward training would have done to the rewards
-the agent was given, in seconds per run instead of a whole loop per run.
+the agent was given, in under a minute per run instead of a whole loop per run.
 
     .venv/bin/python bench/refit_rounds.py --rounds 4 --runs bench/out/paper-1m/Hopper-v5-700labels-s{0..7} \
         --flags "" --flags "--l2-range 1e-5 0.1"

@@ -106,6 +106,15 @@ def preference_loss(r_left, r_right, target, random_answer):
     return -(target * log_p_left + (1 - target) * log_p_right)
 
 
+def label_tensors(labels, queries, index):
+    """The pairs the labels answer, as (left, right, target), each (N,): indices into the segments (index maps a
+    segment id to its row) and P(left preferred)."""
+    left = torch.as_tensor([index[queries[l["query_id"]]["left"]] for l in labels])
+    right = torch.as_tensor([index[queries[l["query_id"]]["right"]] for l in labels])
+    target = torch.as_tensor([C.preference_target(l["choice"]) for l in labels], dtype=torch.float32)
+    return left, right, target
+
+
 def split_labels(query_ids, members, val_fraction, seed):
     """Per member, which labels it validates on and how often each other label is in its bootstrap sample.
 
@@ -342,9 +351,7 @@ def main():
 
     x = torch.as_tensor(C.segment_reward_input(segments["obs"], segments["acts"], args.inputs,
                                                args.reward_state))  # (S, T or T-1, D)
-    left = torch.as_tensor([index[queries[l["query_id"]]["left"]] for l in labels])
-    right = torch.as_tensor([index[queries[l["query_id"]]["right"]] for l in labels])
-    target = torch.as_tensor([C.preference_target(l["choice"]) for l in labels], dtype=torch.float32)
+    left, right, target = label_tensors(labels, queries, index)
     is_val, counts = split_labels([l["query_id"] for l in labels], args.members, args.val_fraction, seed)
 
     # Warm start from the previous round unless the architecture changed.

@@ -65,24 +65,22 @@ def refit(run, rounds, flags):
     if segments["round"].max() < rounds:
         raise C.UserError(f"{run} has {segments['round'].max() + 1} rounds of segments; --rounds {rounds} needs "
                           f"{rounds + 1} (each round's model is scored on the next round's segments)")
-    order = np.argsort(segments["round"], kind="stable")  # load_segments reads them in round order already
-    assert (order == np.arange(len(order))).all(), "segments are expected in round order"
+    assert (np.diff(segments["round"]) >= 0).all(), "load_segments reads the segments in round order"
     index = {int(s): i for i, s in enumerate(segments["ids"])}
     x = torch.as_tensor(C.segment_reward_input(segments["obs"], segments["acts"], args.inputs, args.reward_state))
     model, l2, rows = None, None, []
     for r in range(rounds):
         asked = [l for l in labels if queries[l["query_id"]]["round"] <= r]
-        left = torch.as_tensor([index[queries[l["query_id"]]["left"]] for l in asked])
-        right = torch.as_tensor([index[queries[l["query_id"]]["right"]] for l in asked])
-        target = torch.as_tensor([C.preference_target(l["choice"]) for l in asked], dtype=torch.float32)
+        left, right, target = TR.label_tensors(asked, queries, index)
         is_val, counts = TR.split_labels([l["query_id"] for l in asked], args.members, args.val_fraction, seed)
         known = int((segments["round"] <= r).sum())  # the segments train_reward.py had in round r: a prefix
         model, l2, _ = TR.fit(x[:known], left, right, target, is_val, counts, args, model, l2, seed)
 
         following = np.flatnonzero(segments["round"] == r + 1)
+        scored = x[following]  # (n, t, D)
+        n, t, d = scored.shape
         with torch.no_grad():
-            n, t, d = x[following].shape
-            out = model(x[following].reshape(n * t, d))  # (K, n * t)
+            out = model(scored.reshape(n * t, d))  # (K, n * t)
             step_reward = ((out - out.mean(1, keepdim=True)) / out.std(1, keepdim=True)).mean(0).reshape(n, t)
         true = segments["rewards"][following]  # (n, T)
         if true.shape[1] != t:  # a model of the state after sees T-1 steps of each segment

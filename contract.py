@@ -745,6 +745,61 @@ def build_actor_critic(obs_dim, act_dim, hidden=64):
     return module
 
 
+class FlatAdam:
+    """Adam over all of a module's parameters as one tensor, for both trainers (PPO's networks, the reward
+    ensemble): torch.optim.Adam's arithmetic, operation for operation (eps added after the square root,
+    bias-corrected), so its steps are torch.optim.Adam's to the last bit; plus optional clipping of the
+    gradients' global norm. The parameters and their gradients become views into two flat tensors (backward()
+    adds into the views in place), so zeroing, clipping and the step are a few operations on one tensor
+    instead of a Python loop over many small ones. Why not torch.optim: on these tiny networks its per-call
+    overhead and per-tensor operations were a fifth of PPO's update time, and its first call imports
+    torch._dynamo, 3-5 s of every trainer's start on a slow 2-core machine."""
+
+    def __init__(self, module, lr, eps, betas=(0.9, 0.999)):
+        torch = _torch()
+        parameters = list(module.parameters())
+        self.flat = torch.cat([p.detach().reshape(-1) for p in parameters])
+        self.grad = torch.zeros_like(self.flat)
+        offset = 0
+        for p in parameters:
+            p.data = self.flat[offset:offset + p.numel()].view_as(p)
+            p.grad = self.grad[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.exp_avg, self.exp_avg_sq, self.steps = torch.zeros_like(self.flat), torch.zeros_like(self.flat), 0
+
+    def zero_grad(self):
+        self.grad.zero_()
+
+    def step(self, max_grad_norm=None):
+        """One Adam step; with max_grad_norm, first scale the gradients down to a global norm of at most it."""
+        torch = _torch()
+        if max_grad_norm is not None:
+            self.grad.mul_(torch.clamp(max_grad_norm / (torch.linalg.vector_norm(self.grad) + 1e-6), max=1.0))
+        beta1, beta2 = self.betas
+        self.steps += 1
+        self.exp_avg.lerp_(self.grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(self.grad, self.grad, value=1 - beta2)
+        denom = (self.exp_avg_sq.sqrt() / (1 - beta2 ** self.steps) ** 0.5).add_(self.eps)
+        self.flat.addcdiv_(self.exp_avg, denom, value=-self.lr / (1 - beta1 ** self.steps))
+
+    def state_dict(self):
+        return {"exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(), "steps": self.steps}
+
+    def load_state_dict(self, state):
+        torch = _torch()
+        if "param_groups" in state:  # torch.optim.Adam's, of checkpoints from before FlatAdam: one entry per tensor
+            per_tensor = [state["state"][i] for i in sorted(state["state"])]
+            state = {"steps": int(per_tensor[0]["step"]) if per_tensor else 0,
+                     **{k: torch.cat([s[k].reshape(-1) for s in per_tensor]) if per_tensor
+                        else torch.zeros_like(self.flat) for k in ("exp_avg", "exp_avg_sq")}}
+        if state["exp_avg"].shape != self.flat.shape or state["exp_avg_sq"].shape != self.flat.shape:
+            raise ValueError(f"optimizer state of {state['exp_avg'].numel()} parameters, not {self.flat.numel()}")
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        self.steps = int(state["steps"])
+
+
 class PolicyForRollout:
     """The latest policy checkpoint, for stages that only act with it (collect.py). act(obs (n, obs_dim))
     -> actions (n, act_dim) sampled from the Gaussian policy and clipped to the action bounds."""

@@ -329,55 +329,6 @@ class OverlappedRollouts:
 
 # -------------------------------------------------------------------------------------------- update
 
-class FlatAdam:
-    """Adam over all of a module's parameters as one tensor: torch.optim.Adam's arithmetic (eps added after
-    the square root, bias-corrected), plus clipping of the gradients' global norm. The parameters and their
-    gradients become views into two flat tensors (backward() adds into the views in place), so zeroing,
-    clipping and the step are a few operations on one ~10k-element tensor instead of a Python loop over ten
-    small ones; on these tiny networks torch.optim's per-call overhead and the per-tensor operations were a
-    fifth of the update's time."""
-
-    def __init__(self, module, lr, betas=(0.9, 0.999), eps=1e-5):
-        parameters = list(module.parameters())
-        self.flat = torch.cat([p.detach().reshape(-1) for p in parameters])
-        self.grad = torch.zeros_like(self.flat)
-        offset = 0
-        for p in parameters:
-            p.data = self.flat[offset:offset + p.numel()].view_as(p)
-            p.grad = self.grad[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-        self.lr, self.betas, self.eps = lr, betas, eps
-        self.exp_avg, self.exp_avg_sq, self.steps = torch.zeros_like(self.flat), torch.zeros_like(self.flat), 0
-
-    def zero_grad(self):
-        self.grad.zero_()
-
-    def step(self, max_grad_norm):
-        """Scale the gradients down to a global norm of at most max_grad_norm, then take one Adam step."""
-        self.grad.mul_(torch.clamp(max_grad_norm / (torch.linalg.vector_norm(self.grad) + 1e-6), max=1.0))
-        beta1, beta2 = self.betas
-        self.steps += 1
-        self.exp_avg.lerp_(self.grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(self.grad, self.grad, value=1 - beta2)
-        denom = (self.exp_avg_sq.sqrt() / (1 - beta2 ** self.steps) ** 0.5).add_(self.eps)
-        self.flat.addcdiv_(self.exp_avg, denom, value=-self.lr / (1 - beta1 ** self.steps))
-
-    def state_dict(self):
-        return {"exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(), "steps": self.steps}
-
-    def load_state_dict(self, state):
-        if "param_groups" in state:  # torch.optim.Adam's, of checkpoints from before FlatAdam: one entry per tensor
-            per_tensor = [state["state"][i] for i in sorted(state["state"])]
-            state = {"steps": int(per_tensor[0]["step"]) if per_tensor else 0,
-                     **{k: torch.cat([s[k].reshape(-1) for s in per_tensor]) if per_tensor
-                        else torch.zeros_like(self.flat) for k in ("exp_avg", "exp_avg_sq")}}
-        if state["exp_avg"].shape != self.flat.shape or state["exp_avg_sq"].shape != self.flat.shape:
-            raise ValueError(f"optimizer state of {state['exp_avg'].numel()} parameters, not {self.flat.numel()}")
-        self.exp_avg.copy_(state["exp_avg"])
-        self.exp_avg_sq.copy_(state["exp_avg_sq"])
-        self.steps = int(state["steps"])
-
-
 def ppo_update(net, optimizer, batch, args, ent_coef=None):
     """--update-epochs passes over one rollout's batch (from Rollouts.collect) in shuffled minibatches.
     Returns the last minibatch's policy loss, value loss and approximate KL, and the mean clip fraction of
@@ -502,7 +453,7 @@ def main():
 
     torch.manual_seed(config["seed"])  # before the network's random init, so that a seed fixes the whole run
     net = C.build_actor_critic(obs_dim, act_dim, args.hidden)
-    optimizer = FlatAdam(net, lr=args.lr)
+    optimizer = C.FlatAdam(net, lr=args.lr, eps=1e-5)  # CleanRL's eps
     obs_rms, return_rms = C.RunningMeanStd((obs_dim,)), C.RunningMeanStd(())
     global_step = 0
     path = os.path.join(args.run, C.POLICY)

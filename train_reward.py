@@ -224,7 +224,7 @@ def fit(x, left, right, target, is_val, counts, args, model=None, l2=None, seed=
         l2 = None
     # Within --l2-range from the start: a warm-started model's coefficients may come from another range.
     l2 = np.clip(np.full(members, args.l2) if l2 is None else np.asarray(l2, np.float64), *args.l2_range)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = C.FlatAdam(model, lr=args.lr, eps=1e-8)  # torch.optim.Adam's default eps
     rng = np.random.default_rng([seed, len(target)])
 
     # Each member draws its minibatches from its own bootstrap sample (label indices repeated by count).

@@ -90,7 +90,7 @@ def time_rollout_and_update(run, repeats=5):
     args = train_policy.parse_args(["--run", run, "--reward", "true", "--num-envs", "8", "--num-steps", "256"])
     config = C.read_config(run)
     net = C.build_actor_critic(config["obs_shape"][0], config["act_shape"][0], args.hidden)
-    optimizer = train_policy.FlatAdam(net, lr=args.lr)
+    optimizer = C.FlatAdam(net, lr=args.lr, eps=1e-5)
     rollouts = train_policy.Rollouts(args, config, None, C.RunningMeanStd(tuple(config["obs_shape"])),
                                      C.RunningMeanStd(()), 0)
     rollout_seconds, update_seconds = [], []

@@ -73,7 +73,7 @@ def test_ppo_update_uses_the_entropy_bonus_it_is_given():
     for ent_coef in (0.0, 10.0):
         torch.manual_seed(1)
         net = C.build_actor_critic(obs_dim, act_dim)
-        optimizer = train_policy.FlatAdam(net, lr=1e-2)
+        optimizer = C.FlatAdam(net, lr=1e-2, eps=1e-5)
         batch["logp"] = train_policy.gaussian_log_prob(net.actor_mean(batch["obs"]),
                                                        net.actor_logstd.expand(T, N, act_dim),
                                                        batch["act"]).detach()
@@ -141,7 +141,7 @@ def test_flat_adam_takes_torch_adams_steps_with_global_norm_clipping():
     ours = C.build_actor_critic(5, 2, 8)
     reference = C.build_actor_critic(5, 2, 8)
     reference.load_state_dict(ours.state_dict())
-    flat = train_policy.FlatAdam(ours, lr=1e-2)
+    flat = C.FlatAdam(ours, lr=1e-2, eps=1e-5)
     torch_adam = torch.optim.Adam(reference.parameters(), lr=1e-2, eps=1e-5)
     clipped_any = False
     for step in range(20):
@@ -164,16 +164,16 @@ def test_flat_adam_takes_torch_adams_steps_with_global_norm_clipping():
     assert all(p.untyped_storage().data_ptr() == flat.flat.untyped_storage().data_ptr() for p in ours.parameters())
     assert torch.equal(flat.flat, torch.cat([p.detach().reshape(-1) for p in reference.parameters()]))
 
-    resumed = train_policy.FlatAdam(C.build_actor_critic(5, 2, 8), lr=1e-2)
+    resumed = C.FlatAdam(C.build_actor_critic(5, 2, 8), lr=1e-2, eps=1e-5)
     resumed.load_state_dict(flat.state_dict())
-    from_torch = train_policy.FlatAdam(C.build_actor_critic(5, 2, 8), lr=1e-2)
+    from_torch = C.FlatAdam(C.build_actor_critic(5, 2, 8), lr=1e-2, eps=1e-5)
     from_torch.load_state_dict(torch_adam.state_dict())
     for other in (resumed, from_torch):
         assert other.steps == 20
         np.testing.assert_allclose(other.exp_avg.numpy(), flat.exp_avg.numpy(), rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(other.exp_avg_sq.numpy(), flat.exp_avg_sq.numpy(), rtol=1e-4, atol=1e-9)
     with pytest.raises(ValueError):
-        train_policy.FlatAdam(C.build_actor_critic(5, 3, 8), lr=1e-2).load_state_dict(flat.state_dict())
+        C.FlatAdam(C.build_actor_critic(5, 3, 8), lr=1e-2, eps=1e-5).load_state_dict(flat.state_dict())
 
 
 def test_checkpoint_resumes_where_it_stopped(tmp_path):
@@ -255,6 +255,7 @@ def test_a_seed_fixes_the_whole_run(tmp_path):
     assert not torch.equal(weights["a"]["actor_mean.0.weight"], weights["c"]["actor_mean.0.weight"])
 
 
+@pytest.mark.slow
 def test_overlap_is_seeded_counts_steps_and_resumes(tmp_path):
     """--overlap collects each rollout in a worker process with the policy of one update before. A seed still
     fixes the run (the worker draws its own seeded noise), and it counts, checkpoints and resumes like a plain

@@ -45,7 +45,7 @@ browser:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 test: venv browser
-	$(PYTHON) -m pytest -q -n 2 tests
+	$(PYTHON) -m pytest -q -n 2 --dist worksteal tests
 
 test-fast: venv
 	$(PYTHON) -m pytest -q tests -m "not slow"

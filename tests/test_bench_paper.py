@@ -6,16 +6,25 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--envs", "HalfCheetah-v5", "--labels", "6", "--steps", "2048", "--steps-per-round", "2048",
         "--eval-episodes", "1", "--jobs", "2"]
 
 
+# What is kept, refused and reported, not how well the reward is learned: loop.sh fits the reward model with a
+# few gradient steps (train_reward.py's default, at least 500, is most of a tiny condition's time).
+FEW_REWARD_STEPS = {"REWARD_STEPS": "30"}
+
+
 def bench(out, *args):
     return subprocess.run([sys.executable, "bench/bench_paper.py", *TINY, "--out", out, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "MUJOCO_GL": "egl"})
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MUJOCO_GL": "egl", **FEW_REWARD_STEPS})
 
 
+@pytest.mark.slow
 def test_bench_paper_resumes_and_reports(tmp_path):
     out = str(tmp_path / "paper")
     first = bench(out)
@@ -141,15 +150,15 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     again = fixed(fixed_out)
     assert again.returncode == 0 and "done:" not in again.stdout
     assert os.path.getmtime(os.path.join(run, "policy.pt")) == mtime
-    other = fixed(fixed_out, "--refit", "--layers 1")
+    other = fixed(fixed_out, "--refit", "--layers 1 --steps 30")
     assert other.returncode != 0 and "made with other settings" in other.stdout + other.stderr
     refit_out = str(tmp_path / "refit")
-    refit = fixed(refit_out, "--refit", "--layers 1")
+    refit = fixed(refit_out, "--refit", "--layers 1 --steps 30")
     assert refit.returncode == 0, refit.stdout[-2000:] + refit.stderr[-2000:]
     refit_run = os.path.join(refit_out, "HalfCheetah-v5-6labels-s0")
-    assert "train_reward.py --run " + refit_run + " --fresh --layers 1" in open(refit_run + ".log").read()
-    assert json.load(open(os.path.join(refit_run, "done.json")))["refit"] == "--layers 1"
-    assert "fitted afresh with train_reward.py --fresh --layers 1" in open(
+    assert "train_reward.py --run " + refit_run + " --fresh --layers 1 --steps 30" in open(refit_run + ".log").read()
+    assert json.load(open(os.path.join(refit_run, "done.json")))["refit"] == "--layers 1 --steps 30"
+    assert "fitted afresh with train_reward.py --fresh --layers 1 --steps 30" in open(
         os.path.join(refit_out, "fixed_reward.md")).read()
 
 
@@ -161,13 +170,15 @@ def test_upside_down_is_a_torso_pitch_beyond_90_degrees_either_way_after_any_num
     assert upside_down_share([1.5, -1.5]) == 0.0 and upside_down_share([1.6, -1.6]) == 1.0
 
 
+@pytest.mark.slow
 def test_refit_rounds_repeats_the_runs_own_models_and_scores_a_variant_on_the_next_rounds_states(tmp_path):
-    """bench/refit_rounds.py: with no flags, round 0's refit is the model the loop fitted (same L2 coefficients);
-    a variant's row carries its paired difference; a run with too few rounds is one sentence."""
+    """bench/refit_rounds.py: with the loop's own train_reward flags (here the few steps it was given), round 0's
+    refit is the model the loop fitted (same L2 coefficients); a variant's row carries its paired difference; a
+    run with too few rounds is one sentence."""
     run = str(tmp_path / "run")
     env = {**os.environ, "MUJOCO_GL": "egl", "RUN": run, "ENV_ID": "HalfCheetah-v5", "LABELS": "10",
            "TOTAL_STEPS": "1024", "STEPS_PER_ROUND": "512", "NUM_ENVS": "2", "EVAL_EPISODES": "1", "CLIPS": "0",
-           "POLICY_FLAGS": "--num-steps 64 --num-minibatches 2"}
+           "POLICY_FLAGS": "--num-steps 64 --num-minibatches 2 --no-plot", **FEW_REWARD_STEPS}
     loop = subprocess.run(["bash", "loop.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert loop.returncode == 0, loop.stdout[-2000:] + loop.stderr[-2000:]
     fitted = [m for m in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if m["stage"] == "train_reward"]
@@ -177,16 +188,17 @@ def test_refit_rounds_repeats_the_runs_own_models_and_scores_a_variant_on_the_ne
                               capture_output=True, text=True, timeout=600)
 
     out = str(tmp_path / "rows.jsonl")
-    result = refit("--rounds", "1", "--flags", "", "--flags", "--l2-range 1e-5 0.001", "--out", out)
+    own, variant = "--steps 30", "--steps 30 --l2-range 1e-5 0.001"
+    result = refit("--rounds", "1", "--flags", own, "--flags", variant, "--out", out)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = [json.loads(line) for line in open(out)]
-    assert [(r["flags"], r["round"]) for r in rows] == [("", 0), ("--l2-range 1e-5 0.001", 0)]
+    assert [(r["flags"], r["round"]) for r in rows] == [(own, 0), (variant, 0)]
     assert rows[0]["labels"] == fitted[0]["labels"]
     assert rows[0]["l2"] == [round(v, 4) for v in fitted[0]["l2"]]  # the loop's own round-0 model, refitted
     assert all(v <= 0.001 for v in rows[1]["l2"])
     for row in rows:
         assert -1 <= row["spearman"] <= 1 and 0 <= row["pair_acc"] <= 1 and -1 <= row["step_corr"] <= 1
-    assert "| (the run's own) | 0 |" in result.stdout and "| --l2-range 1e-5 0.001 | 0 |" in result.stdout
-    assert " ± " in result.stdout.split("| --l2-range 1e-5 0.001 | 0 |")[1]
+    assert f"| {own} | 0 |" in result.stdout and f"| {variant} | 0 |" in result.stdout
+    assert " ± " in result.stdout.split(f"| {variant} | 0 |")[1]
     too_many = refit("--rounds", "2")
     assert too_many.returncode != 0 and "has 2 rounds of segments; --rounds 2 needs 3" in too_many.stderr

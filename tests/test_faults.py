@@ -315,6 +315,7 @@ def test_loop_killed_at_random_moments_resumes_and_loses_no_label(tmp_path):
 
 # ----------------------------------------------------------------------------------------- determinism
 
+@pytest.mark.slow
 def test_the_same_seed_with_the_oracle_gives_the_same_segments_queries_and_labels(base, tmp_path):
     """Two fresh runs, then a second round of each with the same policy and reward model: random actions and
     env resets, the policy's sampled actions, random and disagreement pair selection, the teacher."""

@@ -365,7 +365,9 @@ def test_loop_asks_every_label_by_label_steps_and_then_keeps_the_reward_model_an
     run = str(tmp_path / "early")
     env = {"RUN": run, "ENV_ID": "HalfCheetah-v5", "TOTAL_STEPS": "3072", "STEPS_PER_ROUND": "1024",
            "LABEL_STEPS": "1024", "LABELS": "12", "NUM_ENVS": "2", "EVAL_EPISODES": "1", "PYTHON": PYTHON,
-           "COLLECT_FLAGS": "--mean-action-share 0.5"}
+           "COLLECT_FLAGS": "--mean-action-share 0.5",
+           # what is asked when, not how well: a few reward steps, no clip, no plot (a minute less on 2 cores)
+           "REWARD_STEPS": "20", "CLIPS": "0", "POLICY_FLAGS": "--no-plot"}
     result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, **env})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -377,6 +379,8 @@ def test_loop_asks_every_label_by_label_steps_and_then_keeps_the_reward_model_an
     assert [m["labels"] for m in fits] == [3, 12]  # round 2 trained no model
     collects = [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "collect"]
     assert [m["mean_action_envs"] for m in collects] == [0, 1]  # COLLECT_FLAGS reached collect.py (not while random)
+    assert [m["steps"] for m in fits] == [20, 20]  # REWARD_STEPS reached train_reward.py
+    assert not os.path.exists(os.path.join(run, C.LEARNING_CURVE))  # and POLICY_FLAGS (--no-plot) train_policy.py
     assert C.policy_step(run) >= 3072
 
 

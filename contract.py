@@ -1,5 +1,6 @@
 """The data contract shared by the four stages: run directory layout, file formats, the environment
-factory and the two networks whose weights travel between stages in files.
+factory and the two networks whose weights travel between stages in files (and the Adam both trainers fit them
+with).
 
 Every stage imports this module; no stage imports another stage. Everything a stage writes goes through
 `write_atomic` (temp file + rename) or `append_jsonl` (whole lines, flushed and fsynced), so a reader never

@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--vf-coef", type=float, default=0.5, help="value loss weight")
     p.add_argument("--max-grad-norm", type=float, default=0.5, help="gradient clipping")
     p.add_argument("--target-kl", type=float, default=None, help="stop an update's epochs early above this KL")
+    p.add_argument("--init-log-std", type=float, default=0.0,
+                   help="log std of a new policy's actions (CleanRL's 0: std 1; a resumed run keeps its own)")
     p.add_argument("--hidden", type=int, default=64, help="width of the policy and value MLPs")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (small nets: 1 is fastest)")
     p.add_argument("--save-every", type=int, default=20, help="updates between checkpoints")
@@ -453,6 +455,8 @@ def main():
 
     torch.manual_seed(config["seed"])  # before the network's random init, so that a seed fixes the whole run
     net = C.build_actor_critic(obs_dim, act_dim, args.hidden)
+    with torch.no_grad():  # (a checkpoint, loaded below, overwrites it)
+        net.actor_logstd.fill_(args.init_log_std)
     optimizer = C.FlatAdam(net, lr=args.lr, eps=1e-5)  # CleanRL's eps
     obs_rms, return_rms = C.RunningMeanStd((obs_dim,)), C.RunningMeanStd(())
     global_step = 0

@@ -53,6 +53,9 @@ def parse_args():
                         "conditions differ in the reward only (loop.sh's ENT_COEF; 0: PPO's usual none)")
     p.add_argument("--ent-anneal", action=argparse.BooleanOptionalAction, default=True,
                    help="the bonus decays to 0 with the learning rate, in every condition (loop.sh's ENT_ANNEAL)")
+    p.add_argument("--init-log-std", type=float, default=0.0,
+                   help="log std of the new policy's actions in every condition (train_policy.py's flag; 0: "
+                        "CleanRL's std of 1)")
     p.add_argument("--jobs", type=int, default=2, help="conditions run at once (one core each)")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default=None, help="results directory (default: bench/out/paper-<steps/1000>k)")
@@ -118,6 +121,9 @@ def finished_record(args, run):
         raise SystemExit(f"bench_paper: {run} was trained with the entropy bonus "
                          f"{'decaying' if record.get('ent_anneal') else 'constant'}, not "
                          f"{'decaying' if args.ent_anneal else 'constant'}; give another --out")
+    if record.get("init_log_std", 0.0) != args.init_log_std:  # (records of before --init-log-std lack it)
+        raise SystemExit(f"bench_paper: {run} started its policy at log std {record.get('init_log_std', 0.0):g}, "
+                         f"not {args.init_log_std:g}; give another --out")
     return record
 
 
@@ -138,13 +144,14 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
     if labels is None:
         commands = [[python, "train_policy.py", "--run", run, "--env", env_id, "--seed", str(seed), "--reward",
                      "true", "--total-steps", str(args.steps), "--ent-coef", str(args.ent_coef),
-                     *(["--ent-anneal"] if args.ent_anneal else [])],
+                     *(["--ent-anneal"] if args.ent_anneal else []), "--init-log-std", f"{args.init_log_std:g}"],
                     [python, "collect.py", "--run", run, "--evaluate", str(args.eval_episodes), "--no-clips"]]
     else:
         env.update(RUN=run, ENV_ID=env_id, SEED=str(seed), LABELS=str(labels), TOTAL_STEPS=str(args.steps),
                    STEPS_PER_ROUND=str(args.steps_per_round), LABEL_STEPS=str(args.label_steps), CLIPS="0",
                    EVAL_EPISODES=str(args.eval_episodes), PYTHON=python,
-                   TEACHER="oracle" if teacher == "oracle" else "synthetic", TEACHER_FLAGS=TEACHERS[teacher])
+                   TEACHER="oracle" if teacher == "oracle" else "synthetic", TEACHER_FLAGS=TEACHERS[teacher],
+                   POLICY_FLAGS=f"--init-log-std {args.init_log_std:g} " + os.environ.get("POLICY_FLAGS", ""))
         commands = [["bash", "loop.sh"]]
     for command in commands:
         log.write("+ " + " ".join(command) + "\n")  # as loop.sh logs its commands
@@ -156,7 +163,7 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
     evaluation = [m for m in metrics if m["stage"] == "evaluate" and m["policy"] != "random"][-1]
     episodes = [m for m in metrics if m["stage"] == "train_policy"]
     record = {"env": env_id, "labels": labels, "seed": seed, "steps": args.steps, "teacher": teacher,
-              "ent_coef": args.ent_coef, "ent_anneal": args.ent_anneal,
+              "ent_coef": args.ent_coef, "ent_anneal": args.ent_anneal, "init_log_std": args.init_log_std,
               **({} if labels is None else {"label_steps": args.label_steps}),
               "segment_steps": C.read_config(run)["segment_steps"],
               "eval_true_return": evaluation["true_return_mean"],
@@ -188,8 +195,8 @@ def report(args, records):
     lines = [f"Budget: {args.steps:,} policy steps per condition, seeds {args.seeds}, label rounds every "
              f"{args.steps_per_round:,} steps, all labels asked by step {args.label_steps:,}, entropy bonus "
              f"{args.ent_coef:g}"
-             f"{' decaying to 0 with the learning rate' if args.ent_anneal else ''} in every condition, "
-             f"true return = "
+             f"{' decaying to 0 with the learning rate' if args.ent_anneal else ''} and new policies' log std "
+             f"{args.init_log_std:g} in every condition, true return = "
              f"mean of {args.eval_episodes} evaluation episodes of the final policy (mean over seeds), label "
              f"segments of " + ", ".join(f"{segment_seconds(e):g} s ({e})" for e in args.envs) + ".", "",
              "| env | condition | final true return | per seed | ratio to true-reward RL |", "|---|---|---|---|---|"]

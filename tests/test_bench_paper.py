@@ -1,6 +1,6 @@
 """Issue 5: `make bench-paper` keeps each finished condition, re-runs only what is missing, refuses to mix
-step budgets, entropy bonuses (or their schedules), label schedules, segment lengths or tasks in one results
-directory, and writes its table and plot. A tiny budget on HalfCheetah."""
+step budgets, entropy bonuses (or their schedules), policies' starting stds, label schedules, segment lengths or
+tasks in one results directory, and writes its table and plot. A tiny budget on HalfCheetah."""
 import json
 import os
 import subprocess
@@ -42,11 +42,14 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     table = open(os.path.join(out, "paper.md")).read()
     assert "| HalfCheetah-v5 | RL on the true reward |" in table and "| 6 synthetic labels |" in table
     assert "Budget: 2,048 policy steps per condition, seeds [0]" in table
-    assert "entropy bonus 0.01 decaying to 0 with the learning rate in every condition" in table
-    # Both kinds of condition trained with the decaying bonus: the loop's policy and the true-reward baseline.
+    assert ("entropy bonus 0.01 decaying to 0 with the learning rate and new policies' log std 0 in every "
+            "condition") in table
+    # Both kinds of condition trained with the decaying bonus and the same starting std: the loop's policy and
+    # the true-reward baseline.
     for name in names:
         log = open(os.path.join(out, name + ".log")).read()
-        assert "--ent-coef 0.01" in log and "--ent-anneal" in log, name
+        assert "--ent-coef 0.01" in log and "--ent-anneal" in log and "--init-log-std 0" in log, name
+        assert records[name]["init_log_std"] == 0.0
     assert os.path.getsize(os.path.join(out, "paper.png")) > 1000
 
     # A re-run finds every condition done: nothing is trained again, nothing changes.
@@ -75,6 +78,9 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     other = subprocess.run([sys.executable, "bench/bench_paper.py", *TINY, "--no-ent-anneal", "--out", out],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert other.returncode != 0 and "entropy bonus decaying, not constant" in other.stdout + other.stderr
+    # And policies started at another std.
+    other = bench(out, "--init-log-std", "-1")
+    assert other.returncode != 0 and "started its policy at log std 0, not -1" in other.stdout + other.stderr
     # And another segment length: it changes what the labels say, so the label conditions are refused.
     other = subprocess.run([sys.executable, "bench/bench_paper.py", *TINY, "--out", out], cwd=ROOT,
                            capture_output=True, text=True, timeout=600, env={**os.environ, "SEGMENT_SECONDS": "1"})

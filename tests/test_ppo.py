@@ -182,10 +182,13 @@ def test_checkpoint_resumes_where_it_stopped(tmp_path):
               "--update-epochs", "2", "--no-plot"]
     env = {**os.environ, "MUJOCO_GL": "egl"}
     first = subprocess.run([sys.executable, "train_policy.py", "--run", run, "--env", "InvertedPendulum-v5",
-                            "--total-steps", "512", *common], cwd=ROOT, capture_output=True, text=True, env=env)
+                            "--total-steps", "512", "--init-log-std", "-1", *common], cwd=ROOT,
+                           capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr
     ckpt = C.load_torch(os.path.join(run, C.POLICY), "policy")
     assert ckpt["global_step"] == 512
+    # The new policy started from --init-log-std (32 Adam steps of lr 3e-4 move it by at most 0.01).
+    assert ckpt["model"]["actor_logstd"].sub(-1).abs().max() < 0.011
 
     # Loading the checkpoint rebuilds exactly the saved network and normalisers.
     net = C.build_actor_critic(4, 1, ckpt["hidden"])
@@ -206,11 +209,13 @@ def test_checkpoint_resumes_where_it_stopped(tmp_path):
         assert f.read() == before
 
     # Resuming continues counting from the saved step with the saved statistics, not from scratch.
-    more = subprocess.run([sys.executable, "train_policy.py", "--run", run, "--total-steps", "1024", *common],
-                          cwd=ROOT, capture_output=True, text=True, env=env)
+    # (--init-log-std is about a new policy: the resumed one keeps its own.)
+    more = subprocess.run([sys.executable, "train_policy.py", "--run", run, "--total-steps", "1024",
+                           "--init-log-std", "0", *common], cwd=ROOT, capture_output=True, text=True, env=env)
     assert more.returncode == 0, more.stderr
     resumed = C.load_torch(os.path.join(run, C.POLICY), "policy")
     assert resumed["global_step"] == 1024
+    assert resumed["model"]["actor_logstd"].sub(-1).abs().max() < 0.021
     assert resumed["obs_rms"]["count"] > ckpt["obs_rms"]["count"] + 500
     steps = [m["step"] for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "train_policy"]
     assert steps == sorted(steps) and 512 < max(steps) <= 1024  # episode ends logged at their global step

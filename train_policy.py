@@ -67,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--max-grad-norm", type=float, default=0.5, help="gradient clipping")
     p.add_argument("--target-kl", type=float, default=None, help="stop an update's epochs early above this KL")
     p.add_argument("--init-log-std", type=float, default=0.0,
-                   help="log std of a new policy's actions (CleanRL's 0: std 1; a resumed run keeps its own)")
+                   help="log std of a new policy's actions, -10 to 2 (CleanRL's 0: std 1; a resumed run keeps its "
+                        "own)")
     p.add_argument("--hidden", type=int, default=64, help="width of the policy and value MLPs")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (small nets: 1 is fastest)")
     p.add_argument("--save-every", type=int, default=20, help="updates between checkpoints")
@@ -82,7 +83,8 @@ def parse_args(argv=None):
              "--ent-coef": args.ent_coef >= 0, "--explore-coef": args.explore_coef >= 0,
              "--vf-coef": args.vf_coef >= 0, "--max-grad-norm": args.max_grad_norm > 0,
              "--target-kl": args.target_kl is None or args.target_kl > 0, "--hidden": args.hidden >= 1,
-             "--threads": args.threads >= 1, "--save-every": args.save_every >= 1}
+             "--threads": args.threads >= 1, "--save-every": args.save_every >= 1,
+             "--init-log-std": -10 <= args.init_log_std <= 2}  # (and not nan)
     for flag, ok in rules.items():
         if not ok:
             p.error(f"argument {flag}: value out of range (see --help)")

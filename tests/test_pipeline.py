@@ -249,8 +249,7 @@ def test_rendering_a_saved_segment_gives_frames_that_change(tmp_path):
 def test_ppo_improves_the_true_return_of_inverted_pendulum(tmp_path, flags):
     run = str(tmp_path / "pendulum")
     result = run_stage("train_policy.py", "--run", run, "--env", "InvertedPendulum-v5", "--reward", "true",
-                       "--total-steps", "30000", "--num-envs", "4", "--num-steps", "256", "--no-plot", *flags,
-                       timeout=120)
+                       "--total-steps", "30000", "--num-envs", "4", "--num-steps", "256", "--no-plot", *flags)
     assert result.returncode == 0, result.stderr
     episodes = [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "train_policy"]
     first = np.mean([e["true_return"] for e in episodes[:20]])

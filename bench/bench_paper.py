@@ -15,8 +15,8 @@ with the learning rate unless --no-ent-anneal), so that they differ in the rewar
 
 Resumable: each condition lives in its own run directory under --out (by default one per step budget,
 bench/out/paper-500k) and is marked done by done.json; a re-run does only what is missing (and resumes
-a condition that was interrupted). Writes the table to
-<out>/paper.md and the plot to <out>/paper.png, and prints both paths.
+a condition that was interrupted). While conditions train it prints, every minute, where each one is. Writes
+the table to <out>/paper.md and the plot to <out>/paper.png, and prints both paths.
 """
 import argparse
 import io
@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,10 +59,14 @@ def parse_args():
                         "CleanRL's std of 1)")
     p.add_argument("--jobs", type=int, default=2, help="conditions run at once (one core each)")
     p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--progress-every", type=float, default=60,
+                   help="seconds between progress lines (each running condition's policy step)")
     p.add_argument("--out", default=None, help="results directory (default: bench/out/paper-<steps/1000>k)")
     p.add_argument("--report-only", action="store_true",
                    help="write the table and plot of the conditions finished so far, run nothing")
     args = p.parse_args()
+    if args.progress_every <= 0:
+        p.error("argument --progress-every: must be above 0 seconds")
     args.out = args.out or os.path.join(ROOT, "bench", "out", f"paper-{args.steps // 1000}k")
     # As loop.sh clamps it: labels are never due after the last round's collect.
     last = last_collect(args.steps, args.steps_per_round)
@@ -127,6 +132,32 @@ def finished_record(args, run):
     return record
 
 
+# The conditions training now, name -> run directory, for the progress lines (a condition takes minutes to an
+# hour, and its own output goes to its .log).
+RUNNING = {}
+RUNNING_LOCK = threading.Lock()
+
+
+def latest_policy_step(run):
+    """The policy step of the last training episode in the run's metrics.jsonl (0 before the first)."""
+    episodes = [m for m in C.read_jsonl(os.path.join(run, C.METRICS), warn=False) if m["stage"] == "train_policy"]
+    return episodes[-1]["step"] if episodes else 0
+
+
+def print_progress(args, names, stop):
+    """Until stop is set, every --progress-every seconds: elapsed time, conditions finished, and where each
+    running one is."""
+    started = time.time()
+    while not stop.wait(args.progress_every):
+        with RUNNING_LOCK:
+            running = dict(RUNNING)
+        finished = sum(os.path.exists(os.path.join(args.out, name, "done.json")) for name in names)
+        where = "; ".join(f"{name} at step {latest_policy_step(run):,}/{args.steps:,}"
+                          for name, run in sorted(running.items()))
+        print(f"[{(time.time() - started) / 60:.0f} min] {finished} of {len(names)} finished"
+              f"{'; ' + where if where else ''}", flush=True)
+
+
 def run_condition(args, env_id, labels, seed, teacher="oracle"):
     """Train one condition to the end (resuming if interrupted) and return its done.json record."""
     name = condition_name(env_id, labels, seed, teacher, args.ent_coef)
@@ -134,6 +165,17 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
     record = finished_record(args, run)
     if record is not None:
         return record
+    with RUNNING_LOCK:
+        RUNNING[name] = run
+    try:
+        return train_condition(args, env_id, labels, seed, teacher, name, run)
+    finally:
+        with RUNNING_LOCK:
+            RUNNING.pop(name)
+
+
+def train_condition(args, env_id, labels, seed, teacher, name, run):
+    """run_condition's training, evaluation and done.json of a condition that has not finished."""
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     log = open(os.path.join(args.out, name + ".log"), "a")
@@ -253,8 +295,14 @@ def main():
         records = [r for r in finished if r is not None]
         print(f"{len(records)} of {len(conditions)} conditions finished")
     else:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            records = list(pool.map(lambda c: run_condition(args, *c), conditions))
+        stop = threading.Event()
+        names = [condition_name(*c, args.ent_coef) for c in conditions]
+        threading.Thread(target=print_progress, args=(args, names, stop), daemon=True).start()
+        try:
+            with ThreadPoolExecutor(args.jobs) as pool:
+                records = list(pool.map(lambda c: run_condition(args, *c), conditions))
+        finally:
+            stop.set()
     report(args, records)
 
 

@@ -3,6 +3,7 @@ step budgets, entropy bonuses (or their schedules), policies' starting stds, lab
 tasks in one results directory, and writes its table and plot. A tiny budget on HalfCheetah."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -27,8 +28,11 @@ def bench(out, *args):
 @pytest.mark.slow
 def test_bench_paper_resumes_and_reports(tmp_path):
     out = str(tmp_path / "paper")
-    first = bench(out)
+    first = bench(out, "--progress-every", "0.5")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    # Progress while they train: each running condition's policy step out of the budget.
+    assert re.search(r"^\[\d+ min\] [012] of 2 finished; HalfCheetah-v5-\S+ at step [\d,]+/2,048", first.stdout,
+                     re.M), first.stdout[-2000:]
     names = ["HalfCheetah-v5-true-ent0.01-s0", "HalfCheetah-v5-6labels-s0"]
     records = {}
     for name in names:

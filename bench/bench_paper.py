@@ -138,9 +138,14 @@ RUNNING = {}
 RUNNING_LOCK = threading.Lock()
 
 
+def training_episodes(run):
+    """The run's train_policy records (one per finished training episode) from its metrics.jsonl, oldest first."""
+    return [m for m in C.read_jsonl(os.path.join(run, C.METRICS), warn=False) if m["stage"] == "train_policy"]
+
+
 def latest_policy_step(run):
-    """The policy step of the last training episode in the run's metrics.jsonl (0 before the first)."""
-    episodes = [m for m in C.read_jsonl(os.path.join(run, C.METRICS), warn=False) if m["stage"] == "train_policy"]
+    """The policy step of the run's last training episode (0 before the first)."""
+    episodes = training_episodes(run)
     return episodes[-1]["step"] if episodes else 0
 
 
@@ -219,7 +224,7 @@ def train_condition(args, env_id, labels, seed, teacher, name, run):
 
 def curve(run, bins=40, steps=None):
     """Mean true episode return in equal step bins: (bin centres, means)."""
-    episodes = [m for m in C.read_jsonl(os.path.join(run, C.METRICS), warn=False) if m["stage"] == "train_policy"]
+    episodes = training_episodes(run)
     if not episodes:
         return np.array([]), np.array([])
     x = np.array([e["step"] for e in episodes], float)

@@ -4,7 +4,7 @@ Hopper-v5 as the paper posed them (fixed horizon, no torque penalty, Hopper paid
 ending when it falls: contract.TASK_KWARGS).
 
     python bench/bench_paper.py                      # default budget: 1 seed, 500k steps, 2 jobs at a time
-    python bench/bench_paper.py --steps 1000000      # the full budget of 1M steps (~2.5 h here)
+    python bench/bench_paper.py --steps 1000000      # the full budget of 1M steps (about twice as long)
     python bench/bench_paper.py --seeds 0 1 2 --jobs 16   # e.g. on a 16-core machine
     MUJOCO_GL=disable python bench/bench_paper.py ...     # on a machine without EGL (no clips are rendered)
     python bench/bench_paper.py --report-only             # table and plot of what has finished so far

@@ -114,7 +114,8 @@ def rollout_episodes(envs, policy, rng, seed, max_episodes_per_env, mean_action_
     call per step), each to the env's end or, if given, to `max_steps`; the last `mean_action_envs` envs act
     with the policy's mean action. Returns a list of episodes, each a dict of per-step arrays: obs (T, obs_dim),
     acts (T, act_dim), rewards (T,), qpos (T, nq), qvel (T, nv); the states are those *before* the action, so
-    that frame t shows what obs[t] describes."""
+    that frame t shows what obs[t] describes; and final_obs (obs_dim,), the observation the last action led
+    to (before the env was reset), so that every step's two states are known."""
     n = len(envs)
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
     buffers = [{k: [] for k in ("obs", "acts", "rewards", "qpos", "qvel")} for _ in envs]
@@ -138,7 +139,7 @@ def rollout_episodes(envs, policy, rng, seed, max_episodes_per_env, mean_action_
             b["acts"].append(actions[i])
             b["rewards"].append(reward)
             if terminated or truncated or len(b["rewards"]) == max_steps:
-                episodes.append({k: np.asarray(v) for k, v in b.items()})
+                episodes.append({**{k: np.asarray(v) for k, v in b.items()}, "final_obs": next_obs.copy()})
                 buffers[i] = {k: [] for k in b}
                 finished[i] += 1
                 next_obs, _ = env.reset()
@@ -148,13 +149,16 @@ def rollout_episodes(envs, policy, rng, seed, max_episodes_per_env, mean_action_
 
 def cut_segments(episode, segment_steps, rng):
     """Cut one episode into non-overlapping segments of segment_steps, starting at a random offset so that
-    segment boundaries differ between episodes. Returns a list of dicts of (segment_steps, ...) arrays;
-    an episode shorter than one segment gives none."""
+    segment boundaries differ between episodes. Returns a list of dicts of (segment_steps, ...) arrays: the
+    episode's per-step arrays and next_obs, the observation each step led to; an episode shorter than one
+    segment gives none."""
     length = len(episode["rewards"])
     if length < segment_steps:
         return []
+    steps = {k: v for k, v in episode.items() if k != "final_obs"}
+    steps["next_obs"] = np.concatenate([episode["obs"][1:], episode["final_obs"][None]])
     offset = int(rng.integers(0, length % segment_steps + 1))
-    return [{k: v[start:start + segment_steps] for k, v in episode.items()}
+    return [{k: v[start:start + segment_steps] for k, v in steps.items()}
             for start in range(offset, length - segment_steps + 1, segment_steps)]
 
 
@@ -215,9 +219,11 @@ def pairs_due(args, policy_step, asked):
 
 
 def segment_returns_per_member(model, pool):
-    """Each ensemble member's predicted return of each pooled segment: (members, N)."""
+    """Each ensemble member's predicted return of each pooled segment: (members, N). pool: obs (N, T, obs_dim),
+    acts (N, T, act_dim) and, for a model of obs+next, next_obs (N, T, obs_dim)."""
     import torch
-    x = torch.as_tensor(C.segment_reward_input(pool["obs"], pool["acts"], model.inputs, model.reward_state))
+    x = torch.as_tensor(C.segment_reward_input(pool["obs"], pool["acts"], model.inputs, model.reward_state,
+                                               pool.get("next_obs")))
     n, t, d = x.shape
     with torch.no_grad():
         return model(x.reshape(n * t, d)).reshape(model.members, n, t).sum(-1).numpy()
@@ -385,10 +391,11 @@ def collect(args, config):
     # Keep only the segments that are in a pair; number them after everything already on disk.
     used = np.unique(pairs)
     new_id = {int(j): first_id + i for i, j in enumerate(used)}
-    segments = {k: pool[k][used] for k in ("obs", "acts", "rewards", "qpos", "qvel")}
+    segments = {k: pool[k][used] for k in ("obs", "acts", "rewards", "qpos", "qvel", "next_obs")}
     segments["ids"] = np.array([new_id[int(j)] for j in used], np.int64)
     segments["policy_step"] = np.full(len(used), policy_step, np.int64)
     segments["obs"] = segments["obs"].astype(np.float32)
+    segments["next_obs"] = segments["next_obs"].astype(np.float32)
     segments["acts"] = segments["acts"].astype(np.float32)
     segments["rewards"] = segments["rewards"].astype(np.float32)
     C.save_segments(args.run, round_index, segments)

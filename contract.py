@@ -506,6 +506,9 @@ def seconds_to_steps(seconds, dt):
 # ------------------------------------------------------------------------------------------- segments
 
 SEGMENT_FIELDS = ("ids", "obs", "acts", "rewards", "qpos", "qvel", "policy_step")
+# Fields a segment file has when it was written after they were added: next_obs (2026-12-02) is needed only by
+# a reward model of a step's two states (REWARD_INPUTS "obs+next").
+OPTIONAL_SEGMENT_FIELDS = ("next_obs",)
 
 
 def save_segments(run_dir, round_index, segments):
@@ -513,10 +516,11 @@ def save_segments(run_dir, round_index, segments):
 
     segments: dict with ids (N,) int64, obs (N, T, obs_dim) float32, acts (N, T, act_dim) float32,
     rewards (N, T) float32 true env rewards, qpos (N, T, nq) and qvel (N, T, nv) float64 physics states to
-    re-render from, policy_step (N,) int64 the policy checkpoint's env steps when collected."""
+    re-render from, policy_step (N,) int64 the policy checkpoint's env steps when collected; and, where
+    given, next_obs (N, T, obs_dim) float32, the observation each step led to."""
     import io
     buf = io.BytesIO()
-    np.savez(buf, **{k: segments[k] for k in SEGMENT_FIELDS})
+    np.savez(buf, **{k: segments[k] for k in SEGMENT_FIELDS + OPTIONAL_SEGMENT_FIELDS if k in segments})
     write_atomic(os.path.join(run_dir, SEGMENTS_DIR, f"round_{round_index:04d}.npz"), buf.getvalue())
 
 
@@ -540,19 +544,22 @@ def _segment_shapes(config, n):
     t = config["segment_steps"]
     obs, act = (config.get("obs_shape") or [None])[0], (config.get("act_shape") or [None])[0]
     return {"ids": (n,), "obs": (n, t, obs), "acts": (n, t, act), "rewards": (n, t),
-            "qpos": (n, t, config.get("nq")), "qvel": (n, t, config.get("nv")), "policy_step": (n,)}
+            "qpos": (n, t, config.get("nq")), "qvel": (n, t, config.get("nv")), "policy_step": (n,),
+            "next_obs": (n, t, obs)}
 
 
 def load_segments(run_dir):
     """All segments of the run, concatenated in id order: dict of the SEGMENT_FIELDS arrays plus
-    `round` (N,), the collect call each came from. A truncated, corrupt or foreign file, one whose arrays do
-    not have the run's shapes, or a segment id in two files, is a UserError naming the file."""
+    `round` (N,), the collect call each came from, and each OPTIONAL_SEGMENT_FIELDS array that every file
+    has. A truncated, corrupt or foreign file, one whose arrays do not have the run's shapes, or a segment id
+    in two files, is a UserError naming the file."""
     config = read_config(run_dir)
     parts, seen = [], {}
     for path in segment_files(run_dir):
         try:
             with np.load(path, allow_pickle=False) as npz:
                 part = {k: npz[k] for k in SEGMENT_FIELDS}
+                part.update({k: npz[k] for k in OPTIONAL_SEGMENT_FIELDS if k in npz.files})
         except FileNotFoundError:
             raise UserError(f"segment file {path} disappeared while it was being read; run the stage again")
         except Exception as e:
@@ -560,6 +567,8 @@ def load_segments(run_dir):
                             f"from a backup (the pairs that name its segments cannot be used without it)")
         if config is not None:
             for key, shape in _segment_shapes(config, len(part["ids"])).items():
+                if key not in part:
+                    continue
                 got = part[key].shape
                 if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
                     raise UserError(f"segment file {path} does not fit this run ({key} has shape {got}, "
@@ -575,7 +584,7 @@ def load_segments(run_dir):
     if not parts:
         return None
     try:
-        segments = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        segments = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if all(k in p for p in parts)}
     except ValueError as e:  # no config.json to check against, and the files disagree
         raise UserError(f"the segment files of {run_dir} have different shapes ({e})")
     order = np.argsort(segments["ids"], kind="stable")
@@ -866,7 +875,7 @@ def build_reward_ensemble(in_dim, members=3, hidden=64, layers=2, inputs="obs", 
             self.register_buffer("out_mean", torch.zeros(members))
             self.register_buffer("out_std", torch.ones(members))
             self.members, self.in_dim, self.hidden, self.layers = members, in_dim, hidden, layers
-            self.inputs = inputs  # what reward_input feeds it: "obs" or "obs+act"
+            self.inputs = inputs  # what reward_input feeds it: one of REWARD_INPUTS
             self.reward_state = reward_state  # which of a step's states it rewards: see REWARD_STATES
 
         def forward(self, x):
@@ -894,29 +903,46 @@ def build_reward_ensemble(in_dim, members=3, hidden=64, layers=2, inputs="obs", 
 # torques; and a model that also sees the actions offers the policy, which sets its actions directly, a
 # shortcut through whatever action features the model picked up by chance (measured in BENCHMARKS.md, "What
 # the reward model sees": once much worse than obs, once a tie). "obs+act" is the paper's r(o, a).
-REWARD_INPUTS = ("obs", "obs+act")
+# "obs+next" sees the two states of a step, the one it started from and the one it led to, r(o_t, o_t+1): what a
+# person sees happen in a step of a clip, motion included (a speed is in the observation, but on HalfCheetah's
+# 0.05 s steps the speed a step starts with tells its distance run poorly: BENCHMARKS.md, "A reward of a step's
+# two states").
+REWARD_INPUTS = ("obs", "obs+act", "obs+next")
 
 
-def reward_input(obs, acts, inputs):
-    """The reward model's input (..., in_dim) from obs (..., obs_dim) and (clipped) acts (..., act_dim):
-    the observation alone for inputs="obs", observation and action concatenated for "obs+act"."""
+def reward_input(obs, acts, inputs, led_to=None):
+    """The reward model's input (..., in_dim) from obs (..., obs_dim), (clipped) acts (..., act_dim) and, for
+    "obs+next", led_to (..., obs_dim), the observation each step led to: the observation alone for
+    inputs="obs", observation and action concatenated for "obs+act", the two observations for "obs+next"."""
     if inputs == "obs":
         return np.asarray(obs, np.float32)
+    if inputs == "obs+next":
+        return np.concatenate([obs, led_to], axis=-1).astype(np.float32)
     return np.concatenate([obs, acts], axis=-1).astype(np.float32)
+
+
+def reward_in_dim(inputs, obs_dim, act_dim):
+    """The width of reward_input's rows for an env of these observation and action widths."""
+    return {"obs": obs_dim, "obs+act": obs_dim + act_dim, "obs+next": 2 * obs_dim}[inputs]
 
 
 # Which state a model of the observation alone rewards a step for: the one the step started from ("before",
 # the default), or the one its action led to ("after", as the env's own reward is; not adopted, BENCHMARKS.md
-# "Which state a step's reward is of, again"). A model that also sees the action always gets the state the
-# action was chosen in. Fitted to one, a model is used with the same: reward_model.pt records it.
+# "Which state a step's reward is of, again"). A model that also sees the action, or both states ("obs+next"),
+# is always "before". Fitted to one, a model is used with the same: reward_model.pt records it.
 REWARD_STATES = ("before", "after")
 
 
-def segment_reward_input(obs, acts, inputs, reward_state):
-    """The reward model's input for whole segments, obs (S, T, obs_dim) and acts (S, T, act_dim): the
+def segment_reward_input(obs, acts, inputs, reward_state, next_obs=None):
+    """The reward model's input for whole segments, obs (S, T, obs_dim), acts (S, T, act_dim) and next_obs
+    (S, T, obs_dim), the observation each step led to (the segment file's, needed for "obs+next" only): the
     (S, T, in_dim) reward_input, or (S, T-1, in_dim) for a model of the observation that rewards the state a
-    step led to (a segment does not store the state its last step led to, so its last reward is missed)."""
-    x = reward_input(obs, acts, inputs)
+    step led to (kept as it was fitted before segments stored next_obs: its segment's last reward is missed)."""
+    if inputs == "obs+next" and next_obs is None:
+        raise UserError("a reward model of a step's two states (--inputs obs+next) needs the observation each "
+                        "step led to, which segment files written before 2026-12-02 do not store; start a new "
+                        "run for it")
+    x = reward_input(obs, acts, inputs, next_obs)
     return x[:, 1:] if inputs == "obs" and reward_state == "after" else x
 
 
@@ -929,7 +955,7 @@ def load_reward_model(run_dir, config=None):
     model = reward_model_from_checkpoint(load_torch(path, "reward model"), path)
     model.eval()
     if config is not None:
-        expected = config["obs_shape"][0] + (config["act_shape"][0] if model.inputs == "obs+act" else 0)
+        expected = reward_in_dim(model.inputs, config["obs_shape"][0], config["act_shape"][0])
         if model.in_dim != expected:
             raise UserError(f"{path} expects {model.in_dim} inputs, but {config['env_id']} gives it {expected} "
                             f"({model.inputs}); it is from another env's run")

@@ -28,8 +28,8 @@ TEACHER=${TEACHER:-oracle}                # oracle | synthetic (label.py teach $
 TEACHER_FLAGS=${TEACHER_FLAGS:-}          # e.g. "--mistake 0.1" or "--behaviour cheetah_backwards"
 HUMAN_FRACTION=${HUMAN_FRACTION:-0.75}    # with TEACHER=human: share of pairs answered before going on
 CLIPS=${CLIPS:-auto}                      # render clips: auto (only for people) | 1 | 0
-REWARD_INPUTS=${REWARD_INPUTS:-}          # what the reward model sees: obs | obs+act (the paper's r(o, a));
-                                          # default: train_reward.py's
+REWARD_INPUTS=${REWARD_INPUTS:-}          # what the reward model sees: obs | obs+act (the paper's r(o, a)) |
+                                          # obs+next (a step's two states); default: train_reward.py's
 REWARD_STEPS=${REWARD_STEPS:-}            # reward model gradient steps per round (default: train_reward.py's,
                                           # which grow with the number of labels)
 REWARD_FLAGS=${REWARD_FLAGS:-}            # more train_reward.py flags, e.g. "--members 5"

@@ -212,16 +212,17 @@ class Rollouts:
             next_raw, true_reward, terminated, truncated, info = self.envs.step(env_action)
             done = np.logical_or(terminated, truncated)
             if reward_model is not None:
-                rewarded_obs = self.raw_obs
-                if self.reward_after:
+                led_to = None
+                if self.reward_after or reward_model.inputs == "obs+next":
                     # The state the action led to (an ended episode's final observation, not the next one's
                     # first), so that an action changes its own step's reward, as it changes the env's.
-                    rewarded_obs = next_raw.copy()
+                    led_to = next_raw.copy()
                     for i in np.flatnonzero(done):
-                        rewarded_obs[i] = info["final_obs"][i]
+                        led_to[i] = info["final_obs"][i]
+                rewarded_obs = led_to if self.reward_after else self.raw_obs
                 with torch.no_grad():
-                    members = reward_model.member_rewards(
-                        torch.as_tensor(C.reward_input(rewarded_obs, env_action, reward_model.inputs)))
+                    members = reward_model.member_rewards(torch.as_tensor(
+                        C.reward_input(rewarded_obs, env_action, reward_model.inputs, led_to)))
                 learned = members.mean(0).numpy()
                 reward = learned + explore_coef * members.std(0).numpy() if explore_coef else learned
             else:
@@ -449,8 +450,9 @@ def main():
             raise C.UserError(f"{args.run} has no {C.REWARD_MODEL} yet; run train_reward.py first, or train "
                               f"on the env's reward with --reward true")
         if args.reward_state == "after" and reward_model.inputs != "obs":
+            sees = "the action too" if reward_model.inputs == "obs+act" else "both states of a step"
             raise C.UserError(f"--reward-state after needs a model of the observation alone; {C.REWARD_MODEL} "
-                              f"also sees the action, so it is given the state the action was chosen in")
+                              f"sees {sees}, so it is given the state the step started from")
         if args.explore_coef and reward_model.members < 2:
             raise C.UserError(f"--explore-coef needs a reward ensemble of at least 2 members; {C.REWARD_MODEL} "
                               f"has {reward_model.members}")

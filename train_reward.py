@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--inputs", choices=C.REWARD_INPUTS, default="obs",
                    help="what the model sees: the observation, as a person watching a clip does, or also the "
-                        "action (the paper's r(o, a)); see contract.REWARD_INPUTS")
+                        "action (the paper's r(o, a)), or a step's two observations, the one it started from and "
+                        "the one it led to (obs+next); see contract.REWARD_INPUTS")
     p.add_argument("--members", type=int, default=3, help="ensemble size")
     p.add_argument("--reward-state", choices=C.REWARD_STATES, default="before",
                    help="a model of the observation alone rewards a step for the state it started from (before) "
@@ -87,8 +88,8 @@ def parse_args(argv=None):
         if not ok:
             p.error(f"argument {flag}: value out of range (see --help)")
     if args.reward_state == "after" and args.inputs != "obs":
-        p.error("argument --reward-state: after needs --inputs obs (a model that also sees the action is given "
-                "the state the action was chosen in)")
+        p.error("argument --reward-state: after needs --inputs obs (a model that also sees the action, or both "
+                "states of a step, is given the state the step started from)")
     return args
 
 
@@ -350,7 +351,7 @@ def main():
                           f"{C.SEGMENTS_DIR}/ (e.g. {sorted(missing)[0]})")
 
     x = torch.as_tensor(C.segment_reward_input(segments["obs"], segments["acts"], args.inputs,
-                                               args.reward_state))  # (S, T or T-1, D)
+                                               args.reward_state, segments.get("next_obs")))  # (S, T or T-1, D)
     left, right, target = label_tensors(labels, queries, index)
     is_val, counts = split_labels([l["query_id"] for l in labels], args.members, args.val_fraction, seed)
 

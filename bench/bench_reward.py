@@ -78,22 +78,23 @@ def train_policies(args, env_id, cache):
 
 
 def build_pool(args, env_id):
-    """Segments of every policy, cached: obs (S, T, obs) and acts (S, T, act) float32, true returns (S,),
-    policy (S,) index into [random] + checkpoints."""
+    """Segments of every policy, cached: obs (S, T, obs), acts (S, T, act) and next_obs (S, T, obs) float32,
+    true returns (S,), policy (S,) index into [random] + checkpoints."""
     cache = os.path.join(args.out, "reward_cache", env_id)
     os.makedirs(cache, exist_ok=True)
     key = f"seed{args.seed}-ckpt{'_'.join(map(str, sorted(args.checkpoints)))}-n{args.segments_per_policy}"
     pool_path = os.path.join(cache, f"pool-{key}.npz")
     if os.path.exists(pool_path):
         with np.load(pool_path) as npz:
-            return {k: npz[k] for k in npz.files}
+            if "next_obs" in npz.files:  # (a cache of before next_obs is built again)
+                return {k: npz[k] for k in npz.files}
     run, paths = train_policies(args, env_id, cache)
     config = C.open_run(run)
     envs = [C.make_env(env_id, config["env_kwargs"]) for _ in range(8)]
     space = envs[0].action_space
     per_episode = max(1, (envs[0].spec.max_episode_steps or 1000) // config["segment_steps"])
     episodes_per_env = -(-args.segments_per_policy // (per_episode * len(envs)))
-    parts = {"obs": [], "acts": [], "returns": [], "policy": [], "episode_return": []}
+    parts = {"obs": [], "acts": [], "next_obs": [], "returns": [], "policy": [], "episode_return": []}
     for p, path in enumerate([None] + paths):
         seed = args.seed * 1000 + p * 100
         rng = np.random.default_rng(seed)
@@ -106,6 +107,7 @@ def build_pool(args, env_id):
         segments = [segments[i] for i in rng.permutation(len(segments))[:args.segments_per_policy]]
         parts["obs"].append(np.stack([s["obs"] for s in segments]).astype(np.float32))
         parts["acts"].append(np.stack([s["acts"] for s in segments]).astype(np.float32))
+        parts["next_obs"].append(np.stack([s["next_obs"] for s in segments]).astype(np.float32))
         parts["returns"].append(np.array([s["rewards"].sum() for s in segments]))
         parts["policy"].append(np.full(len(segments), p))
         episode_return = float(np.mean([e["rewards"].sum() for e in episodes]))
@@ -196,7 +198,7 @@ def main():
     for env_id in args.envs:
         pool = build_pool(args, env_id)
         x = torch.as_tensor(C.segment_reward_input(pool["obs"], pool["acts"], train_args.inputs,
-                                                   train_args.reward_state))
+                                                   train_args.reward_state, pool["next_obs"]))
         rng = np.random.default_rng(args.seed)
         order = rng.permutation(len(x))
         held, train_segments = order[:args.eval_segments], order[args.eval_segments:]

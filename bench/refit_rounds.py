@@ -67,7 +67,8 @@ def refit(run, rounds, flags):
                           f"{rounds + 1} (each round's model is scored on the next round's segments)")
     assert (np.diff(segments["round"]) >= 0).all(), "load_segments reads the segments in round order"
     index = {int(s): i for i, s in enumerate(segments["ids"])}
-    x = torch.as_tensor(C.segment_reward_input(segments["obs"], segments["acts"], args.inputs, args.reward_state))
+    x = torch.as_tensor(C.segment_reward_input(segments["obs"], segments["acts"], args.inputs, args.reward_state,
+                                               segments.get("next_obs")))
     model, l2, rows = None, None, []
     for r in range(rounds):
         asked = [l for l in labels if queries[l["query_id"]]["round"] <= r]

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,3 +213,22 @@ def test_refit_rounds_repeats_the_runs_own_models_and_scores_a_variant_on_the_ne
     assert " ± " in result.stdout.split(f"| {variant} | 0 |")[1]
     too_many = refit("--rounds", "2")
     assert too_many.returncode != 0 and "has 2 rounds of segments; --rounds 2 needs 3" in too_many.stderr
+
+
+def test_step_reward_fit_finds_which_input_tells_each_step_s_reward():
+    """bench/step_reward_fit.py: a reward of where each step led, drawn apart from where it started, is
+    followed step by step by the linear fit of both states and of the state after, not of the state before;
+    the segment returns are explained by the inputs that see it."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import step_reward_fit
+    rng = np.random.default_rng(0)
+    obs, led_to = rng.normal(size=(400, 5, 3)), rng.normal(size=(400, 5, 3))
+    segments = {"obs": obs, "next_obs": led_to, "rewards": 2 * led_to[..., 0] + 1}
+    returns = segments["rewards"].sum(1)
+    fits = {name: step_reward_fit.linear_fit(x, rewards, returns)
+            for name, (x, rewards) in step_reward_fit.step_inputs(segments).items()}
+    for name in ("obs+next", "after"):
+        assert fits[name][0] == pytest.approx(1.0) and fits[name][1] == pytest.approx(1.0)
+    assert fits["before"][0] < 0.1 and abs(fits["before"][1]) < 0.1
+    # after-T-1 sees obs[t+1], which here is unrelated to where step t led (a drawn-apart next_obs)
+    assert abs(fits["after-T-1"][1]) < 0.1

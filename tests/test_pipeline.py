@@ -90,7 +90,8 @@ def test_cut_segments_are_contiguous_non_overlapping_windows():
     length, seg = 100, 30
     episode = {"obs": np.arange(length)[:, None].repeat(3, 1).astype(np.float32),
                "acts": np.zeros((length, 2)), "rewards": np.arange(length, dtype=np.float32),
-               "qpos": np.zeros((length, 4)), "qvel": np.zeros((length, 4))}
+               "qpos": np.zeros((length, 4)), "qvel": np.zeros((length, 4)),
+               "final_obs": np.full(3, length, np.float32)}  # where the last step led
     for _ in range(20):
         segments = collect.cut_segments(episode, seg, rng)
         assert len(segments) == 3
@@ -100,7 +101,13 @@ def test_cut_segments_are_contiguous_non_overlapping_windows():
         for s in segments:
             assert s["obs"].shape == (seg, 3) and s["acts"].shape == (seg, 2)
             np.testing.assert_array_equal(s["rewards"], np.arange(s["rewards"][0], s["rewards"][0] + seg))
-    short = {k: v[:20] for k, v in episode.items()}
+            # Each step's next observation: the next step's, and for the episode's last step its final one.
+            np.testing.assert_array_equal(s["next_obs"][:, 0], s["obs"][:, 0] + 1)
+            assert "final_obs" not in s
+    exact = {**{k: v[:90] for k, v in episode.items() if k != "final_obs"}, "final_obs": episode["obs"][90]}
+    last = collect.cut_segments(exact, seg, rng)[-1]  # 90 steps: three segments, the last ending the episode
+    np.testing.assert_array_equal(last["next_obs"][-1], episode["obs"][90])
+    short = {**{k: v[:20] for k, v in episode.items() if k != "final_obs"}, "final_obs": episode["obs"][20]}
     assert collect.cut_segments(short, seg, rng) == []
 
 
@@ -139,6 +146,8 @@ def test_random_episodes_can_be_cut_short_and_start_again_from_a_reset():
     assert np.any(np.abs(episodes[0]["qvel"][-1][:2]) > reset_qvel)
     uncut = collect.rollout_episodes(envs, None, np.random.default_rng(0), 0, 1)
     assert all(len(e["rewards"]) == 50 for e in uncut)
+    # A cut-short episode's final observation is where its last action led, which the uncut one went on from.
+    np.testing.assert_array_equal(episodes[0]["final_obs"], uncut[0]["obs"][20])
 
 
 def test_the_random_rounds_pairs_show_the_hopper_before_it_falls(tmp_path, monkeypatch):

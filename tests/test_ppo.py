@@ -436,3 +436,7 @@ def test_a_model_of_the_observation_rewards_the_state_the_action_led_to(tmp_path
     with_action_before, _ = collect(obs_act_model, "before")
     assert torch.equal(with_action_after, with_action_before)
     torch.testing.assert_close(with_action_after[..., :4], before)
+
+    # A model of a step's two states is given both: where it started and where its action led.
+    both, _ = collect(recording(C.build_reward_ensemble(8, members=2, inputs="obs+next")))
+    torch.testing.assert_close(both, torch.cat([before, after], -1))

@@ -368,6 +368,62 @@ def test_reward_inputs_are_the_observation_by_default_or_also_the_action(tmp_pat
     assert C.load_reward_model(run).inputs == "obs+act"
 
 
+@pytest.mark.slow
+def test_a_model_of_a_step_s_two_states_learns_a_reward_of_where_it_led(tmp_path, monkeypatch, capsys):
+    """--inputs obs+next sees (obs[t], next_obs[t]): a reward of where each step led, which the observation a
+    step starts from does not tell here (drawn apart from it), is learned by it and not by a model of obs."""
+    rng = np.random.default_rng(0)
+    n, t = 150, 30
+    o = rng.normal(size=(2 * n, t, 17)).astype(np.float32)
+    led_to = rng.normal(size=(2 * n, t, 17)).astype(np.float32)
+    segments = {"ids": np.arange(2 * n), "obs": o, "acts": np.zeros((2 * n, t, 6), np.float32),
+                "rewards": led_to[:, :, 0].copy(), "qpos": np.zeros((2 * n, t, 9)), "qvel": np.zeros((2 * n, t, 9)),
+                "policy_step": np.zeros(2 * n, np.int64), "next_obs": led_to}
+    returns = led_to[:, :, 0].sum(1)
+
+    def run_with(name, segments):
+        run = str(tmp_path / name)
+        C.open_run(run, "HalfCheetah-v5", seed=0)
+        C.save_segments(run, 0, segments)
+        C.append_jsonl(os.path.join(run, C.QUERIES), [{"query_id": i, "left": 2 * i, "right": 2 * i + 1}
+                                                      for i in range(n)])
+        C.append_jsonl(os.path.join(run, C.LABELS), [
+            {"query_id": i, "labeler": "oracle", "time": 1.0,
+             "choice": "left" if returns[2 * i] > returns[2 * i + 1] else "right"} for i in range(n)])
+        return run
+
+    def train(run, *flags):
+        monkeypatch.setattr(sys, "argv", ["train_reward.py", "--run", run, "--steps", "600", *flags])
+        train_reward.main()
+        return C.load_reward_model(run), C.read_jsonl(os.path.join(run, C.METRICS))[-1]
+
+    run = run_with("run", segments)
+    np.testing.assert_array_equal(C.load_segments(run)["next_obs"], led_to)
+    model, log = train(run)
+    assert model.inputs == "obs" and log["val_accuracy"] < 0.65
+    model, log = train(run, "--inputs", "obs+next")
+    assert (model.inputs, model.in_dim) == ("obs+next", 34) and log["val_accuracy"] > 0.7
+    # Disagreement selection sums the same rewards the model was fitted to: of both states of each step.
+    with torch.no_grad():
+        expected = model(torch.as_tensor(np.concatenate([o, led_to], -1)).reshape(-1, 34)).reshape(3, 2 * n, t)
+    np.testing.assert_allclose(collect.segment_returns_per_member(model, segments), expected.sum(-1).numpy(),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit):  # it is always given both: --reward-state after is for a model of obs
+        train_reward.parse_args(["--run", run, "--inputs", "obs+next", "--reward-state", "after"])
+    assert "both states of a step" in capsys.readouterr().err
+
+    # Segment files of before next_obs was stored cannot feed it, and say so; a file's next_obs of the wrong
+    # shape is another run's.
+    old = run_with("old", {k: v for k, v in segments.items() if k != "next_obs"})
+    assert "next_obs" not in C.load_segments(old)
+    with pytest.raises(C.UserError, match="segment files written before 2026-12-02 do not store"):
+        train(old, "--inputs", "obs+next")
+    model, log = train(old)  # a model of the observation alone still trains on them
+    assert model.inputs == "obs"
+    wrong = run_with("wrong", {**segments, "next_obs": led_to[:, :, :5]})
+    with pytest.raises(C.UserError, match="next_obs has shape"):
+        C.load_segments(wrong)
+
 def test_fitted_to_the_states_the_steps_led_to_a_segment_s_first_state_is_not_used(tmp_path, monkeypatch):
     """--reward-state after fits a model of the observation to obs[:, 1:], the states each step's action led
     to (train_policy.py --reward-state after rewards a step for those): two runs whose segments differ only in

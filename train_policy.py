@@ -180,6 +180,8 @@ class Rollouts:
         # Which state the learned reward is of, fixed for the run: --reward-state, else what the model was fitted to.
         self.reward_after = reward_model is not None and reward_model.inputs == "obs" and \
             (args.reward_state or reward_model.reward_state) == "after"
+        # Whether the model needs the state each action led to: to reward it, or beside the one it started from.
+        self.needs_led_to = self.reward_after or (reward_model is not None and reward_model.inputs == "obs+next")
         n = args.num_envs
         self.raw_obs, _ = self.envs.reset(seed=config["seed"] * 10_007 + start_step)
         self.next_done = torch.zeros(n)
@@ -213,7 +215,7 @@ class Rollouts:
             done = np.logical_or(terminated, truncated)
             if reward_model is not None:
                 led_to = None
-                if self.reward_after or reward_model.inputs == "obs+next":
+                if self.needs_led_to:
                     # The state the action led to (an ended episode's final observation, not the next one's
                     # first), so that an action changes its own step's reward, as it changes the env's.
                     led_to = next_raw.copy()

@@ -933,6 +933,12 @@ def reward_in_dim(inputs, obs_dim, act_dim):
 REWARD_STATES = ("before", "after")
 
 
+def rewards_led_to_state(inputs, reward_state):
+    """Whether a model of these inputs, used with this REWARD_STATES entry, rewards each step for the state its
+    action led to rather than the one it started from (only a model of the observation alone can)."""
+    return inputs == "obs" and reward_state == "after"
+
+
 def segment_reward_input(obs, acts, inputs, reward_state, next_obs=None):
     """The reward model's input for whole segments, obs (S, T, obs_dim), acts (S, T, act_dim) and next_obs
     (S, T, obs_dim), the observation each step led to (the segment file's, needed for "obs+next" only): the
@@ -943,7 +949,7 @@ def segment_reward_input(obs, acts, inputs, reward_state, next_obs=None):
                         "step led to, which segment files written before 2026-12-02 do not store; start a new "
                         "run for it")
     x = reward_input(obs, acts, inputs, next_obs)
-    return x[:, 1:] if inputs == "obs" and reward_state == "after" else x
+    return x[:, 1:] if rewards_led_to_state(inputs, reward_state) else x
 
 
 def load_reward_model(run_dir, config=None):

@@ -178,8 +178,8 @@ class Rollouts:
         self.low, self.high = self.envs.single_action_space.low, self.envs.single_action_space.high
         self.step = start_step
         # Which state the learned reward is of, fixed for the run: --reward-state, else what the model was fitted to.
-        self.reward_after = reward_model is not None and reward_model.inputs == "obs" and \
-            (args.reward_state or reward_model.reward_state) == "after"
+        self.reward_after = reward_model is not None and \
+            C.rewards_led_to_state(reward_model.inputs, args.reward_state or reward_model.reward_state)
         # Whether the model needs the state each action led to: to reward it, or beside the one it started from.
         self.needs_led_to = self.reward_after or (reward_model is not None and reward_model.inputs == "obs+next")
         n = args.num_envs

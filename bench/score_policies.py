@@ -56,7 +56,7 @@ def episode_rewards(env, policy, reward_model, seed, deterministic=False):
                 terms[key[len("reward_"):]] = terms.get(key[len("reward_"):], 0.0) + float(info[key])
         done = terminated or truncated
     # Each step's reward of the state the model was fitted to reward it for (contract.REWARD_STATES).
-    rewarded = led_to if reward_model.inputs == "obs" and reward_model.reward_state == "after" else observations
+    rewarded = led_to if C.rewards_led_to_state(reward_model.inputs, reward_model.reward_state) else observations
     x = torch.as_tensor(C.reward_input(np.array(rewarded), np.array(actions), reward_model.inputs, np.array(led_to)))
     with torch.no_grad():
         learned_rewards = reward_model.normalized_reward(x.float()).numpy()

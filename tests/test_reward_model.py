@@ -478,6 +478,9 @@ def test_segment_reward_input_drops_the_first_state_only_for_a_model_of_the_stat
     np.testing.assert_array_equal(C.segment_reward_input(obs, acts, "obs", "before"), obs)
     np.testing.assert_array_equal(C.segment_reward_input(obs, acts, "obs", "after"), obs[:, 1:])
     assert C.segment_reward_input(obs, acts, "obs+act", "after").shape == (2, 4, 4)
+    # The one rule the trainer, the policy's rollouts and the scoring bench share: only "obs" can reward "after".
+    led_to = {(i, s) for i in C.REWARD_INPUTS for s in C.REWARD_STATES if C.rewards_led_to_state(i, s)}
+    assert led_to == {("obs", "after")}
 
     # Disagreement selection sums a model's rewards over the same states it was fitted to.
     torch.manual_seed(0)

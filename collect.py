@@ -24,14 +24,14 @@ import contract as C
 
 
 def at_least(minimum, kind=int):
-    """argparse type: a number >= minimum, so that a mistyped flag is one sentence, not a traceback later."""
+    """argparse type: a finite number >= minimum, so that a mistyped flag is one sentence, not a traceback later."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not value >= minimum:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {text}")
+        if not minimum <= value < math.inf:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be a finite number of at least {minimum}, not {text}")
         return value
     return parse
 
@@ -162,10 +162,12 @@ def cut_segments(episode, segment_steps, rng):
             for start in range(offset, length - segment_steps + 1, segment_steps)]
 
 
-def random_episode_steps(args, policy_step):
-    """Where episodes are cut short: while actions are random, at --random-episode-steps; a policy's episodes
-    run to the env's end (None)."""
-    return None if policy_step or not args.random_episode_steps else args.random_episode_steps
+def random_episode_steps(args, policy_step, segment_steps):
+    """Where episodes are cut short: while actions are random, at --random-episode-steps, but never before one
+    segment fits; a policy's episodes run to the env's end (None)."""
+    if policy_step or not args.random_episode_steps:
+        return None
+    return max(args.random_episode_steps, segment_steps)
 
 
 def mean_action_envs(args, policy_step):
@@ -181,7 +183,7 @@ def collect_segment_pool(args, config, needed, seed):
     rng = np.random.default_rng(seed)
     policy, policy_step = load_policy(args, config, envs[0].action_space, seed)
     horizon = envs[0].spec.max_episode_steps or 1000
-    max_steps = random_episode_steps(args, policy_step)
+    max_steps = random_episode_steps(args, policy_step, config["segment_steps"])
     per_episode = max(1, min(horizon, max_steps or horizon) // config["segment_steps"])
     rounds = math.ceil(needed / (per_episode * args.num_envs))
     segments, returns = [], []
@@ -197,7 +199,7 @@ def collect_segment_pool(args, config, needed, seed):
         env.close()
     if len(segments) < needed:
         raise C.UserError(f"episodes of {config['env_id']} are too short to cut {needed} segments of "
-                          f"{config['segment_steps']} steps; use a shorter --segment-seconds")
+                          f"{config['segment_steps']} steps; start a new run with a shorter --segment-seconds")
     pool = {k: np.stack([s[k] for s in segments]) for k in segments[0]}
     return pool, policy_step, float(np.mean(returns)) if returns else float("nan")
 
@@ -242,10 +244,12 @@ def select_pairs(pool_size, n_pairs, rng, member_returns=None, candidates_factor
     m = candidates_factor * n_pairs
     left = rng.integers(0, pool_size, m)
     right = (left + rng.integers(1, pool_size, m)) % pool_size  # never a segment against itself
-    # Candidates are drawn with replacement: ask about each pair once, not as often as it was drawn.
-    unique = np.unique(np.sort(np.stack([left, right], axis=1), axis=1), axis=0)
-    if len(unique) >= n_pairs:
-        left, right = unique[:, 0], unique[:, 1]
+    # Candidates are drawn with replacement: ask about each pair once, not as often as it was drawn. Each
+    # keeps the side its segments were drawn on: sorted, the earlier segment would always be on the left,
+    # and a person's bias for one side would become a bias for early segments.
+    _, first = np.unique(np.sort(np.stack([left, right], axis=1), axis=1), axis=0, return_index=True)
+    if len(first) >= n_pairs:
+        left, right = left[first], right[first]
     diff = np.clip(member_returns[:, left] - member_returns[:, right], -50, 50)
     p_left = 1.0 / (1.0 + np.exp(-diff))
     keep = np.argsort(-p_left.var(axis=0), kind="stable")[:n_pairs]
@@ -423,7 +427,8 @@ def collect(args, config):
     C.append_jsonl(os.path.join(args.run, C.QUERIES), records)
     C.log_metrics(args.run, "collect", round=round_index, policy_step=policy_step, pairs=len(records),
                   segments=len(used), pairs_total=len(queries) + len(records), selection=selection,
-                  rollout_true_return=mean_return, episode_steps=random_episode_steps(args, policy_step),
+                  rollout_true_return=mean_return,
+                  episode_steps=random_episode_steps(args, policy_step, config["segment_steps"]),
                   mean_action_envs=mean_action_envs(args, policy_step),
                   seconds=round(time.time() - started, 2))
     print(f"collect: round {round_index}, policy step {policy_step}, {len(records)} pairs ({selection}), "

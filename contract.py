@@ -201,7 +201,8 @@ def save_torch_atomic(path, obj):
 # Keys each checkpoint of the contract must have (README.md): a file that lacks them is not ours.
 CHECKPOINT_KEYS = {
     "reward_model.pt": ("model", "members", "hidden", "layers", "in_dim", "l2", "format_version"),
-    "policy.pt": ("model", "optimizer", "obs_rms", "return_rms", "global_step", "hidden", "format_version"),
+    "policy.pt": ("model", "optimizer", "obs_rms", "return_rms", "global_step", "hidden", "torch_rng",
+                  "format_version"),
 }
 
 

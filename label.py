@@ -462,8 +462,11 @@ def create_app(run_dir, instructions=DEFAULT_INSTRUCTIONS, token=None, opinions=
     import flask
     from werkzeug.exceptions import HTTPException
     C.open_run(run_dir, create=False)
-    if opinions < 1 or hold <= 0 or not 0 < fraction <= 1:
+    if opinions < 1 or not 0 < hold < math.inf or not 0 < fraction <= 1:  # also refuses nan
         raise C.UserError("--opinions must be at least 1, --hold positive and --fraction in (0, 1]")
+    # Once through contract's readers, as every other stage reads them: malformed lines are reported, and labels
+    # of another run's queries refused. Pairs then tails both files itself and skips what these reported.
+    C.read_labels(run_dir, C.read_queries(run_dir))
     pairs = Pairs(run_dir, opinions, hold, clock)
     app = flask.Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY

@@ -16,6 +16,8 @@ ENV_ID=${ENV_ID:-HalfCheetah-v5}
 SEED=${SEED:-0}
 SEGMENT_SECONDS=${SEGMENT_SECONDS:-}      # segment length in simulated seconds, fixed when the run is created
                                           # (default: collect.py's, the paper's: 0.48 for Hopper, else 1.5)
+ENV_KWARGS=${ENV_KWARGS:-}                # JSON keyword arguments for gym.make, fixed when the run is created
+                                          # (default: the paper's task; '{}' for gymnasium's own)
 TOTAL_STEPS=${TOTAL_STEPS:-500000}        # policy environment steps in all
 STEPS_PER_ROUND=${STEPS_PER_ROUND:-50000} # policy steps between two label rounds
 LABELS=${LABELS:-500}                     # label budget: pairs asked over the whole run
@@ -53,7 +55,8 @@ case "$CLIPS" in auto|1|0) ;; *) refuse "CLIPS must be auto, 1 or 0, not '$CLIPS
 clip_flag=--no-clips
 if [ "$CLIPS" = 1 ] || { [ "$CLIPS" = auto ] && [ "$TEACHER" = human ]; }; then clip_flag=; fi
 # All labels are due by LABEL_STEPS, or by the last round's collect, so the budget is spent before training ends.
-last_collect=$(( TOTAL_STEPS > STEPS_PER_ROUND ? TOTAL_STEPS - STEPS_PER_ROUND : 1 ))
+last_round=$(( (TOTAL_STEPS + STEPS_PER_ROUND - 1) / STEPS_PER_ROUND - 1 ))
+last_collect=$(( last_round > 0 ? last_round * STEPS_PER_ROUND : 1 ))
 label_steps=${LABEL_STEPS:-$last_collect}
 schedule_end=$(( label_steps < 1 ? 1 : label_steps < last_collect ? label_steps : last_collect ))
 
@@ -62,17 +65,17 @@ run() { echo "+ $*" >&2; "$@"; }
 # The random policy's score, once, for comparison at the end.
 if ! grep -qs '"policy": "random"' "$RUN/metrics.jsonl"; then
   run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" --seed "$SEED" ${SEGMENT_SECONDS:+--segment-seconds "$SEGMENT_SECONDS"} \
-      --evaluate "$EVAL_EPISODES" --random-policy $clip_flag
+      ${ENV_KWARGS:+--env-kwargs "$ENV_KWARGS"} --evaluate "$EVAL_EPISODES" --random-policy $clip_flag
 fi
 
 # Resume at the round the saved policy has reached. A policy that trained past the budget still gets the
 # last round's collect -> label -> train_reward, so a resumed run asks the whole label budget too.
 step=$("$PYTHON" -c "import contract, sys; contract.run_main(lambda: print(contract.policy_step(sys.argv[1])))" "$RUN")
-last_round=$(( (TOTAL_STEPS + STEPS_PER_ROUND - 1) / STEPS_PER_ROUND - 1 ))
 round=$(( step / STEPS_PER_ROUND < last_round ? step / STEPS_PER_ROUND : last_round ))
 while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
   echo "=== round $round: policy step $(( round * STEPS_PER_ROUND ))/$TOTAL_STEPS" >&2
-  run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" --num-envs "$NUM_ENVS" --label-budget "$LABELS" \
+  run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" ${ENV_KWARGS:+--env-kwargs "$ENV_KWARGS"} \
+      --num-envs "$NUM_ENVS" --label-budget "$LABELS" \
       --schedule-steps "$schedule_end" --pretrain-fraction "$PRETRAIN_FRACTION" --selection "$SELECTION" $clip_flag \
       $COLLECT_FLAGS
   case "$TEACHER" in

@@ -77,7 +77,8 @@ def parse_args(argv=None):
     # A mistyped flag is one sentence now, before the run directory is touched, rather than a traceback later.
     rules = {"--seed": args.seed >= 0, "--total-steps": args.total_steps >= 0, "--num-envs": args.num_envs >= 1,
              "--num-steps": args.num_steps >= 1,
-             "--num-minibatches": 1 <= args.num_minibatches <= args.num_envs * args.num_steps,
+             # at least 2 rows each: the advantages of a minibatch are normalised by their std
+             "--num-minibatches": 1 <= args.num_minibatches <= args.num_envs * args.num_steps // 2,
              "--update-epochs": args.update_epochs >= 1, "--lr": args.lr > 0, "--gamma": 0 <= args.gamma <= 1,
              "--gae-lambda": 0 <= args.gae_lambda <= 1, "--clip-coef": args.clip_coef > 0,
              "--ent-coef": args.ent_coef >= 0, "--explore-coef": args.explore_coef >= 0,
@@ -348,7 +349,8 @@ def ppo_update(net, optimizer, batch, args, ent_coef=None):
     table = torch.cat([batch["obs"].reshape(-1, obs_dim), batch["act"].reshape(-1, act_dim),
                        torch.stack([batch["logp"], advantages, returns, batch["val"]], -1).reshape(-1, 4)], 1)
     batch_size = table.shape[0]
-    minibatch_size = batch_size // args.num_minibatches
+    # --num-minibatches slices as even as the batch allows (the default 2048 rows: 32 of 64)
+    bounds = [batch_size * i // args.num_minibatches for i in range(args.num_minibatches + 1)]
     clip_fractions = []
     for epoch in range(args.update_epochs):
         shuffled = table[torch.randperm(batch_size)]
@@ -356,8 +358,8 @@ def ppo_update(net, optimizer, batch, args, ent_coef=None):
         # contiguous: mean() and std() of a strided column add up in another order, and the run would
         # differ in the last bits from one that gathers each array separately
         all_old_logp, all_adv, all_ret, all_old_val = shuffled[:, -4:].T.contiguous()
-        for start in range(0, batch_size, minibatch_size):
-            rows = slice(start, start + minibatch_size)
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            rows = slice(start, end)
             obs, act, old_logp, adv = all_obs[rows], all_act[rows], all_old_logp[rows], all_adv[rows]
             ret, old_val = all_ret[rows], all_old_val[rows]
             mean = net.actor_mean(obs)

@@ -44,8 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--members", type=int, default=3, help="ensemble size")
     p.add_argument("--reward-state", choices=C.REWARD_STATES, default="before",
                    help="a model of the observation alone rewards a step for the state it started from (before) "
-                        "or for the state it led to (after; fitted to T-1 of a segment's T steps, as the segment "
-                        "does not store the state its last step led to); recorded in the model, which "
+                        "or for the state it led to (after; fitted to T-1 of a segment's T steps, as models fitted "
+                        "before segments stored next_obs were); recorded in the model, which "
                         "train_policy.py and collect.py then use the same way; see contract.REWARD_STATES")
     p.add_argument("--hidden", type=int, default=64, help="hidden layer width")
     p.add_argument("--layers", type=int, default=2, help="number of hidden layers")

@@ -76,7 +76,7 @@ def parse_args():
 
 def last_collect(steps, steps_per_round):
     """The policy step of loop.sh's last collect, by which it asks the whole label budget by default."""
-    return max(1, steps - steps_per_round)
+    return max(1, (steps - 1) // steps_per_round * steps_per_round)
 
 
 # B-Pref's imperfect teachers at the settings of Lee et al. (2021), as label.py teach flags.

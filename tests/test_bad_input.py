@@ -185,6 +185,16 @@ def test_a_policy_of_another_env_in_train_policy(run):
     refused(run, "train_policy", "--total-steps", "256", says="policy.pt")
 
 
+def test_a_policy_without_its_random_state(run):
+    """A resumed run restores torch's random state from policy.pt; a file without it was a KeyError."""
+    import torch
+    path = os.path.join(run, C.POLICY)
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["torch_rng"]
+    C.save_torch_atomic(path, checkpoint)
+    refused(run, "train_policy", "--total-steps", "256", says="is not a checkpoint this code wrote (it lacks torch_rng")
+
+
 @pytest.mark.parametrize("name, args", [("collect", ("--pairs", "2")), ("train_policy", ("--total-steps", "256"))])
 def test_a_reward_model_of_another_env(run, name, args):
     """A well-formed reward_model.pt of an env with 11 observations (Hopper's), copied into a HalfCheetah run."""
@@ -223,6 +233,30 @@ def test_a_label_that_names_an_unknown_query(run, name):
     C.append_jsonl(os.path.join(run, C.LABELS), {"query_id": 99, "choice": "left", "labeler": "ann", "time": 1.0})
     number = len(lines(os.path.join(run, C.LABELS))) - 1
     refused(run, name, says=f"labels.jsonl line {number} answers query 99, which is not in queries.jsonl")
+
+
+def test_the_web_labeler_refuses_labels_of_another_runs_queries(run):
+    """serve tails labels.jsonl itself, but reads it once through contract at the start as the other stages
+    do: a label of a query not in queries.jsonl is refused there, not silently dropped."""
+    C.append_jsonl(os.path.join(run, C.LABELS), {"query_id": 99, "choice": "left", "labeler": "ann", "time": 1.0})
+    before = snapshot(run)
+    import socket
+    with socket.socket() as free:  # were it not refused, it would serve here until label_py's timeout
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    result = label_py(run, "serve", "--port", str(port))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "answers query 99, which is not in queries.jsonl" in errors[0], result.stderr
+    assert snapshot(run) == before
+
+
+def test_the_web_labeler_reports_a_malformed_label_line(run, capsys):
+    with open(os.path.join(run, C.LABELS), "ab") as f:
+        f.write(b'{"query_id": 0, "choice": "maybe", "labeler": "ann", "time": 1.0}\n')
+    import label
+    label.create_app(run)
+    assert "was skipped (choice must be one of" in capsys.readouterr().err
 
 
 def test_a_malformed_label_line_is_reported_skipped_and_the_rest_kept(run):
@@ -421,12 +455,14 @@ def test_reward_state_after_with_a_model_that_sees_the_action(run):
             says="--reward-state after needs a model of the observation alone")
 
 
-@pytest.mark.parametrize("flags", [("--num-minibatches", "0"), ("--num-minibatches", "5000"), ("--num-steps", "0"),
+@pytest.mark.parametrize("flags", [("--num-minibatches", "0"), ("--num-minibatches", "5000"),
+                                   ("--num-minibatches", "65"), ("--num-steps", "0"),
                                    ("--save-every", "0"), ("--num-envs", "0"), ("--threads", "0"),
                                    ("--lr", "-1"), ("--init-log-std", "nan"), ("--init-log-std", "50")])
 def test_out_of_range_policy_flags(run, flags):
     """One sentence before anything is written, not a ZeroDivisionError half-way (5000 minibatches of the
-    tiny stage's batch of 2 envs x 64 steps = 128 rows would each be empty)."""
+    tiny stage's batch of 2 envs x 64 steps = 128 rows would each be empty; 65 would leave minibatches of one
+    row, whose advantage std is nan)."""
     before = snapshot(run)
     result = stage("train_policy", run, "--total-steps", "256", *flags)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
@@ -476,6 +512,27 @@ def test_out_of_range_labeler_flags(run, args):
     result = label_py(run, *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"argument {args[1]}: value out of range" in result.stderr
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("flags", [("--decay-steps", "inf"), ("--segment-seconds", "inf"),
+                                   ("--clip-seconds", "inf"), ("--clip-fps", "nan")])
+def test_collect_flags_that_are_not_finite(run, flags):
+    """inf passed "at least" and was a ZeroDivisionError or OverflowError later (for --clip-seconds, after
+    the evaluation episodes had run)."""
+    before = snapshot(run)
+    result = stage("collect", run, "--pairs", "2", *flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"argument {flags[0]}: must be a finite number" in result.stderr
+    assert snapshot(run) == before
+
+
+def test_a_hold_that_is_not_a_number(run):
+    """A nan hold never expires (nothing is <= nan): a pair shown once would be hidden from everyone else."""
+    before = snapshot(run)
+    result = label_py(run, "serve", "--hold", "nan")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "--hold positive" in result.stderr
     assert snapshot(run) == before
 
 

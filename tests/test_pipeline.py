@@ -166,6 +166,18 @@ def test_the_random_rounds_pairs_show_the_hopper_before_it_falls(tmp_path, monke
     assert collect.parse_args(["--run", "unused", "--pairs", "1"]).random_episode_steps == 240
 
 
+def test_the_random_rounds_episodes_are_never_cut_shorter_than_a_segment():
+    """Segments longer than --random-episode-steps (Hopper at 2 s = 250 steps against 240) would never fit
+    into a cut episode, and collect would roll out for nothing and then fail."""
+    class Args:
+        random_episode_steps = 240
+    assert collect.random_episode_steps(Args(), 0, 250) == 250
+    assert collect.random_episode_steps(Args(), 0, 60) == 240
+    assert collect.random_episode_steps(Args(), 50_000, 60) is None  # a policy's episodes are not cut
+    Args.random_episode_steps = 0
+    assert collect.random_episode_steps(Args(), 0, 250) is None
+
+
 def test_pairs_due_follows_the_paper_schedule():
     class Args:
         pairs, label_budget, schedule_steps, pretrain_fraction, decay_steps = None, 400, 100_000, 0.25, None
@@ -390,6 +402,43 @@ def test_loop_asks_every_label_by_label_steps_and_then_keeps_the_reward_model_an
     assert [m["steps"] for m in fits] == [20, 20]  # REWARD_STEPS reached train_reward.py
     assert not os.path.exists(os.path.join(run, C.LEARNING_CURVE))  # and POLICY_FLAGS (--no-plot) train_policy.py
     assert C.policy_step(run) >= 3072
+
+
+def loop_commands(tmp_path, **knobs):
+    """The command lines loop.sh runs with these knobs, each stage replaced by a stand-in that only records
+    its command line (a new run, so the policy is at step 0)."""
+    log = tmp_path / "commands"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\ncase "$1" in -c) echo 0 ;; -) cat > /dev/null ;; *) echo "$@" >> {log} ;; esac\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "PYTHON": str(fake), **knobs}
+    result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return log.read_text().splitlines()
+
+
+def test_loop_passes_env_kwargs_to_every_collect(tmp_path):
+    """ENV_KWARGS creates the run (the first collect) and is checked against it by every later one;
+    COLLECT_FLAGS could not do it, as the first collect does not get them."""
+    commands = loop_commands(tmp_path, ENV_KWARGS="{}", TOTAL_STEPS="100000", STEPS_PER_ROUND="50000")
+    collects = [c for c in commands if c.startswith("collect.py")]
+    assert len(collects) == 4  # random policy's evaluation, two rounds, trained agent's evaluation
+    assert all("--env-kwargs {}" in c for c in collects[:3]), collects
+    assert "--random-policy" in collects[0]
+
+
+@pytest.mark.parametrize("total, expected", [("120000", [0, 50000, 100000]), ("100000", [0, 50000]),
+                                             ("30000", [0])])
+def test_loop_asks_the_whole_budget_by_its_last_collect(tmp_path, total, expected):
+    """The label schedule ends at the policy step of the last round's collect, also when TOTAL_STEPS is not
+    a multiple of STEPS_PER_ROUND (120k in rounds of 50k: at 100k, not at 120k - 50k = 70k). Every stage is
+    replaced by a stand-in that records its command line."""
+    commands = loop_commands(tmp_path, TOTAL_STEPS=total, STEPS_PER_ROUND="50000")
+    collects = [c.split() for c in commands if c.startswith("collect.py") and "--label-budget" in c]
+    assert len(collects) == len(expected)
+    assert {c[c.index("--schedule-steps") + 1] for c in collects} == {str(max(1, expected[-1]))}
+    targets = [c.split()[c.split().index("--total-steps") + 1] for c in commands if c.startswith("train_policy.py")]
+    assert targets == [str(min(step + 50000, int(total))) for step in expected]
 
 
 @pytest.mark.parametrize("share", ["1.5", "-0.1", "nan"])

@@ -82,6 +82,28 @@ def test_ppo_update_uses_the_entropy_bonus_it_is_given():
     assert (logstds[10.0] > logstds[0.0] + 0.01).all()
 
 
+def test_ppo_update_takes_num_minibatches_slices_of_the_whole_batch(monkeypatch):
+    """A batch that --num-minibatches does not divide (2 envs x 17 steps = 34 rows in 4) is cut into exactly 4
+    slices of 8-9 rows covering every row once, never a last slice of one row whose advantage std is nan and
+    would turn every weight into nan."""
+    torch.manual_seed(0)
+    obs_dim, act_dim, T, N = 3, 2, 17, 2
+    batch = {"obs": torch.randn(T, N, obs_dim), "act": torch.randn(T, N, act_dim), "logp": torch.zeros(T, N),
+             "rew": torch.randn(T, N), "val": torch.zeros(T, N), "done": torch.zeros(T, N),
+             "next_value": torch.zeros(N), "next_done": torch.zeros(N)}
+    args = train_policy.parse_args(["--run", "unused", "--num-envs", "2", "--num-steps", "17",
+                                    "--num-minibatches", "4", "--update-epochs", "1"])
+    net = C.build_actor_critic(obs_dim, act_dim)
+    batch["logp"] = train_policy.gaussian_log_prob(net.actor_mean(batch["obs"]),
+                                                   net.actor_logstd.expand(T, N, act_dim), batch["act"]).detach()
+    sizes = []
+    loss = train_policy.clipped_policy_loss
+    monkeypatch.setattr(train_policy, "clipped_policy_loss", lambda adv, *rest: sizes.append(len(adv)) or loss(adv, *rest))
+    train_policy.ppo_update(net, C.FlatAdam(net, lr=1e-3, eps=1e-5), batch, args)
+    assert sorted(sizes) == [8, 8, 9, 9]
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
 def test_clipped_objective_matches_hand_computation():
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
     ratio = torch.tensor([1.5, 0.5, 0.9, 1.1])

@@ -174,6 +174,15 @@ def test_disagreement_selection_ranks_by_the_variance_of_predicted_preference():
         assert chosen.shape == (5, 2) and (variance(chosen) >= fifth_most_disputed - 1e-12).all()
 
 
+def test_disagreement_selection_puts_the_earlier_segment_on_either_side():
+    """Pairs keep the side their segments were drawn on: were the earlier pool index always on the left, a
+    labeler's bias for one side would be a bias for segments from earlier in the rollout."""
+    member_returns = np.random.default_rng(0).normal(size=(3, 200))
+    pairs = collect.select_pairs(200, 100, np.random.default_rng(0), member_returns)
+    assert 30 <= (pairs[:, 0] < pairs[:, 1]).sum() <= 70
+    assert len({tuple(sorted(p)) for p in pairs.tolist()}) == 100  # still each pair once
+
+
 def test_the_first_round_falls_back_to_random_selection_and_says_so(tmp_path, monkeypatch, capsys):
     run = str(tmp_path / "run")
     argv = ["collect.py", "--run", run, "--env", "HalfCheetah-v5", "--pairs", "3", "--num-envs", "1", "--no-clips",

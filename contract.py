@@ -186,6 +186,19 @@ def exclusive(run_dir):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def labels_locked(run_dir):
+    """Hold a (blocking) flock on labels.jsonl: whoever decides which pairs still need an answer and then
+    appends answers (the web labeler, label.py teach) does both under it, so that no pair gets an answer
+    from each while neither saw the other's."""
+    fd = os.open(os.path.join(run_dir, LABELS), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def write_json_atomic(path, obj):
     write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
@@ -621,13 +634,18 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_query(record):
+    """Whether a queries.jsonl record names a pair: integer query_id, left and right."""
+    return all(_is_int(record.get(k)) for k in ("query_id", "left", "right"))
+
+
 def read_queries(run_dir, warn=True):
     """queries.jsonl as a dict query_id -> record. A line without integer query_id/left/right, or repeating
     an earlier query_id, is skipped with a warning naming its line (the first one of an id counts)."""
     path = os.path.join(run_dir, QUERIES)
     queries = {}
     for number, q in read_jsonl_numbered(path, warn):
-        if not all(_is_int(q.get(k)) for k in ("query_id", "left", "right")):
+        if not is_query(q):
             problem = "a query needs integer query_id, left and right"
         elif q["query_id"] in queries:
             problem = f"query {q['query_id']} was already asked on an earlier line"

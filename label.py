@@ -20,7 +20,6 @@ Writes: labels.jsonl, metrics.jsonl.
 import argparse
 import bisect
 import contextlib
-import fcntl
 import hmac
 import importlib
 import ipaddress
@@ -116,9 +115,11 @@ def synthetic_choice(r_left, r_right, rng, beta=np.inf, mistake=0.0, skip_thresh
 
 
 def teach(args):
-    """Answer every open query. One teacher at a time: two at once would answer the same queries twice."""
+    """Answer every open query. One teacher at a time: two at once would answer the same queries twice; and
+    under the web labeler's lock on labels.jsonl, so that a person's answer lands before or after, not between
+    the reading of the open queries and the appending of their answers."""
     C.open_run(args.run, create=False)
-    with C.exclusive(args.run):
+    with C.exclusive(args.run), C.labels_locked(args.run):
         answer_open_queries(args)
 
 
@@ -235,14 +236,18 @@ class Pairs:
         self.queries = {}  # query_id -> {"left": clip url, "right": clip url}, or None if a clip is missing
         self.answers = {}  # query_id -> labelers who answered it, in order (only queries with answers)
         self.open = []  # sorted ids of playable queries with fewer than `opinions` answers
-        self.times = []  # sorted times of all answers ever given: labels per minute, dashboard
+        self.times = []  # sorted times of the answers not withdrawn: labels per minute, dashboard
+        self.answer_times = {}  # (query_id, labeler) -> times of their answers to it, oldest first
         self.seen = {C.QUERIES: (None, 0), C.LABELS: (None, 0)}  # file -> (inode, bytes taken in)
 
     def clip_url(self, relative):
         """The URL of a clip a query names, or None unless it is a file inside the run's clips/."""
         if not isinstance(relative, str):
             return None
-        path = os.path.realpath(os.path.join(self.run, relative))
+        try:
+            path = os.path.realpath(os.path.join(self.run, relative))
+        except ValueError:  # a NUL byte or a lone surrogate: valid JSON, no file
+            return None
         if not path.startswith(self.clips + os.sep) or not os.path.isfile(path):
             return None
         return "clips/" + urllib.parse.quote(os.path.relpath(path, self.clips))
@@ -281,7 +286,7 @@ class Pairs:
             return self.sync()
         for q in queries:
             qid = q.get("query_id")
-            if type(qid) is int and qid not in self.queries:
+            if C.is_query(q) and qid not in self.queries:  # as contract.read_queries: others are skipped
                 left, right = self.clip_url(q.get("left_clip")), self.clip_url(q.get("right_clip"))
                 self.queries[qid] = {"left": left, "right": right} if left and right else None
                 if self.queries[qid]:
@@ -291,6 +296,7 @@ class Pairs:
             if record.get("undo") is True and type(qid) is int and labeler in self.answers.get(qid, ()):
                 answers = self.answers[qid]
                 del answers[len(answers) - 1 - answers[::-1].index(labeler)]
+                del self.times[bisect.bisect_left(self.times, self.answer_times[qid, labeler].pop())]
                 if not answers:
                     del self.answers[qid]
                 if self.queries.get(qid) and len(answers) < self.opinions and not self._is_open(qid):
@@ -298,6 +304,7 @@ class Pairs:
             elif C.parse_label(record, self.queries) is None:
                 self.answers.setdefault(qid, []).append(labeler)
                 bisect.insort(self.times, record["time"])
+                self.answer_times.setdefault((qid, labeler), []).append(record["time"])
                 self.reserved.get(qid, {}).pop(labeler, None)
                 if len(self.answers[qid]) >= self.opinions and self._is_open(qid):
                     self.open.pop(bisect.bisect_left(self.open, qid))
@@ -344,16 +351,11 @@ class Pairs:
 
     @contextlib.contextmanager
     def _labels_locked(self):
-        """This process's lock, and an flock on labels.jsonl against other processes that append to it."""
-        with self.lock:
-            fd = os.open(os.path.join(self.run, C.LABELS), os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                self.sync()
-                yield
-                self.sync()  # take in the line just written, as every other reader will
-            finally:
-                os.close(fd)  # releases the flock
+        """This process's lock, and the flock on labels.jsonl against other processes that append to it."""
+        with self.lock, C.labels_locked(self.run):
+            self.sync()
+            yield
+            self.sync()  # take in the line just written, as every other reader will
 
     def answer(self, labeler, qid, choice):
         with self._labels_locked():
@@ -386,6 +388,7 @@ class Pairs:
             recent = self.times[bisect.bisect_left(self.times, now - 300):]
             minutes = max(1.0, (now - recent[0]) / 60) if recent else 1.0
             return {"pairs": len(self.queries), "waiting": len(self.open),
+                    "waiting_for_you": sum(labeler not in self.answers.get(qid, ()) for qid in self.open),
                     "answered": sum(len(a) >= self.opinions for a in self.answers.values()),
                     "without_clips": sum(q is None for q in self.queries.values()),
                     "labels": sum(len(a) for a in self.answers.values()),
@@ -545,7 +548,10 @@ def create_app(run_dir, instructions=DEFAULT_INSTRUCTIONS, token=None, opinions=
 
     @app.get("/clips/<path:name>")
     def clip(name):  # only files inside the run's clips/, after resolving "..", absolute paths and symlinks
-        path = os.path.realpath(os.path.join(pairs.clips, name))
+        try:
+            path = os.path.realpath(os.path.join(pairs.clips, name))
+        except ValueError:  # a NUL byte in the name
+            path = ""
         if not path.startswith(pairs.clips + os.sep) or not os.path.isfile(path):
             raise Rejected(404, f"there is no clip {name!r} in this run")
         return flask.send_file(path, conditional=True, max_age=3600)

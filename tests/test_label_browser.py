@@ -112,3 +112,29 @@ def test_a_person_labels_a_pair_with_the_left_arrow(server, browser):
           what="the new pair to appear")
     until(lambda: "2 answered" in browser.find_element("id", "progress").text.replace("\n", " "),
           what="the progress line")
+
+
+def test_a_clicked_button_answers_once_and_undo_withdraws_it_after_a_change_of_name(server, browser):
+    """A button left focused after a click would answer the next pair too when Space is pressed; and an undo
+    must withdraw the answer under the name it was given with, not the name typed since."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+    run, url = server
+    browser.get(url)
+    until(lambda: both_playing(browser), what="both clips to play")
+    until(lambda: browser.execute_script("return queue.length === 2 && !!queue[1].urls"),
+          what="the next pair to be preloaded")
+    labeler = browser.find_element("id", "labeler").get_attribute("value")
+    browser.find_element("css selector", "#buttons button[data-choice=right]").click()
+    until(lambda: label_lines(run), what="the label in labels.jsonl")
+    until(lambda: browser.execute_script("return current && current.query_id === 1"), what="pair 1")
+    ActionChains(browser).send_keys(Keys.SPACE).send_keys(Keys.ENTER).perform()
+    time.sleep(1.0)
+    assert [(x["query_id"], x["choice"]) for x in label_lines(run)] == [(0, "right")]
+
+    browser.execute_script("const n = document.getElementById('labeler'); n.value = 'alice';"
+                           "n.dispatchEvent(new Event('change'));")
+    ActionChains(browser).send_keys("U").perform()  # the undo key, with caps lock or shift
+    until(lambda: len(label_lines(run)) == 2, what="the undo")
+    assert label_lines(run)[1]["undo"] is True and label_lines(run)[1]["labeler"] == labeler
+    assert C.read_labels(run) == []

@@ -167,6 +167,37 @@ def test_a_query_naming_a_clip_outside_clips_is_never_shown(run, clock):
     assert client.get("/api/status").json["without_clips"] == 3
 
 
+def test_a_query_line_the_other_stages_skip_is_not_offered(run, clock):
+    """contract.read_queries skips a query whose left or right is not an integer; were it offered here, its
+    answer would be a label of an unknown query, which halts train_reward and the loop."""
+    add_queries(run, [3], left="1")
+    client = label.create_app(run, clock=clock).test_client()
+    assert [next_pair(client, f"l{i}")["query_id"] for i in range(3)] == [0, 1, 2]
+    assert next_pair(client, "l9") is None
+    assert answer(client, 3).status_code == 404
+    assert client.get("/api/status").json["pairs"] == 3
+
+
+@pytest.mark.parametrize("clip", [r"clips/1.mp4\u0000", r"clips/\ud800.mp4"])  # JSON escapes, as written
+def test_a_clip_path_no_file_can_have_loses_nothing(run, clock, clip):
+    """A NUL byte or a lone surrogate is valid JSON but no path (os.path.realpath raises): that query counts
+    as without clips, and the queries and labels read with it are all taken in."""
+    client = label.create_app(run, clock=clock).test_client()
+    C.append_jsonl(os.path.join(run, C.LABELS), {"query_id": 0, "choice": "left", "labeler": "bob", "time": 1.0})
+    with open(os.path.join(run, C.QUERIES), "a") as f:
+        f.write('{"query_id": 3, "left": 1, "right": 2, "left_clip": "%s", "right_clip": "clips/2.mp4"}\n' % clip)
+    add_queries(run, [4])
+    s = client.get("/api/status").json
+    assert (s["pairs"], s["labels"], s["without_clips"]) == (5, 1, 1)
+    assert [next_pair(client, f"l{i}")["query_id"] for i in range(3)] == [1, 2, 4]
+    assert answer(client, 0, "left", "ann").status_code == 409  # bob's answer was taken in
+
+
+def test_a_clip_name_with_a_nul_byte_is_a_404(client):
+    r = client.get("/clips/a%00b.mp4")
+    assert r.status_code == 404 and "error" in r.json
+
+
 def test_a_clip_that_disappears_while_the_labeler_runs_is_no_longer_offered(run, clock):
     client = label.create_app(run, clock=clock).test_client()
     assert next_pair(client, "ann")["query_id"] == 0
@@ -254,6 +285,49 @@ def test_undo_withdraws_the_answer_and_gives_the_pair_back(client, run):
     r = client.post("/api/undo", json={"query_id": 1, "labeler": "ann"})
     assert r.status_code == 409 and "no answer" in r.json["error"]
     assert client.post("/api/undo", json={"query_id": 99, "labeler": "ann"}).status_code == 404
+
+
+def test_a_withdrawn_answer_leaves_the_rate_and_the_curve(client, clock):
+    for _ in range(2):
+        assert answer(client, 0, "left", "ann").status_code == 200
+        clock.now += 1
+        assert client.post("/api/undo", json={"query_id": 0, "labeler": "ann"}).status_code == 200
+    assert answer(client, 0, "right", "ann").status_code == 200
+    s = client.get("/api/status?labeler=ann").json
+    assert (s["labels"], s["labels_per_minute"]) == (1, 1.0)
+    assert [n for _, n in client.get("/api/metrics").json["labels"]] == [1]
+
+
+def test_pairs_a_labeler_already_answered_are_not_waiting_for_them(run, clock):
+    """With two opinions per pair, ann's answered pairs still wait for one more labeler, but not for her: her
+    page must not say that other labelers are watching them and that they will come back to her."""
+    client = label.create_app(run, opinions=2, clock=clock).test_client()
+    for q in range(3):
+        assert answer(client, q, "left", "ann").status_code == 200
+    assert next_pair(client, "ann") is None
+    s = client.get("/api/status?labeler=ann").json
+    assert (s["waiting"], s["waiting_for_you"]) == (3, 0)
+    assert client.get("/api/status?labeler=bob").json["waiting_for_you"] == 3
+
+
+def test_teach_waits_for_the_web_labelers_lock_on_labels(run, monkeypatch):
+    """teach decides which pairs are open and appends their answers under the flock the web labeler answers
+    under; otherwise a person's answer between the two would give a pair two answers."""
+    held, done, answered_while_held = threading.Event(), threading.Event(), []
+    args = label.parse_args(["teach", "--run", run])
+    monkeypatch.setattr(label, "answer_open_queries", lambda args: done.set())
+
+    def hold_the_lock():
+        with C.labels_locked(run):
+            held.set()
+            time.sleep(1.0)
+            answered_while_held.append(done.is_set())
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    held.wait()
+    label.teach(args)
+    holder.join()
+    assert answered_while_held == [False] and done.is_set()
 
 
 def test_pairs_collect_appends_appear_without_a_restart(tmp_path, clip_files, clock):

@@ -240,17 +240,21 @@ class Pairs:
         self.answer_times = {}  # (query_id, labeler) -> times of their answers to it, oldest first
         self.seen = {C.QUERIES: (None, 0), C.LABELS: (None, 0)}  # file -> (inode, bytes taken in)
 
-    def clip_url(self, relative):
-        """The URL of a clip a query names, or None unless it is a file inside the run's clips/."""
-        if not isinstance(relative, str):
+    def clip_file(self, base, name):
+        """The real path of the file `name` (relative to `base`) names, or None unless it is a file inside the
+        run's clips/: after resolving "..", absolute paths and symlinks, so no name reaches beyond it."""
+        if not isinstance(name, str):
             return None
         try:
-            path = os.path.realpath(os.path.join(self.run, relative))
-        except ValueError:  # a NUL byte or a lone surrogate: valid JSON, no file
+            path = os.path.realpath(os.path.join(base, name))
+        except ValueError:  # a NUL byte or a lone surrogate: valid JSON or URL, no file
             return None
-        if not path.startswith(self.clips + os.sep) or not os.path.isfile(path):
-            return None
-        return "clips/" + urllib.parse.quote(os.path.relpath(path, self.clips))
+        return path if path.startswith(self.clips + os.sep) and os.path.isfile(path) else None
+
+    def clip_url(self, relative):
+        """The URL of a clip a query names (relative to the run), or None unless it is a file in clips/."""
+        path = self.clip_file(self.run, relative)
+        return None if path is None else "clips/" + urllib.parse.quote(os.path.relpath(path, self.clips))
 
     def _new_lines(self, name):
         """Records of the whole lines appended to `name` since the last call; None if it was replaced or
@@ -547,12 +551,9 @@ def create_app(run_dir, instructions=DEFAULT_INSTRUCTIONS, token=None, opinions=
         return flask.jsonify(labels=pairs.label_curve(), **metrics_cache["data"])
 
     @app.get("/clips/<path:name>")
-    def clip(name):  # only files inside the run's clips/, after resolving "..", absolute paths and symlinks
-        try:
-            path = os.path.realpath(os.path.join(pairs.clips, name))
-        except ValueError:  # a NUL byte in the name
-            path = ""
-        if not path.startswith(pairs.clips + os.sep) or not os.path.isfile(path):
+    def clip(name):
+        path = pairs.clip_file(pairs.clips, name)
+        if path is None:
             raise Rejected(404, f"there is no clip {name!r} in this run")
         return flask.send_file(path, conditional=True, max_age=3600)
 

@@ -605,6 +605,22 @@ def load_segments(run_dir):
     return {k: v[order] for k, v in segments.items()}
 
 
+def load_queried_segments(run_dir, queries):
+    """load_segments, checked to hold both sides of every query given (an iterable of query records), and the
+    row of each segment id: (segments, {segment id: row}). No segment files, or a side missing from them, is
+    a UserError: the pairs cannot be answered or learned from without the segments they show."""
+    segments = load_segments(run_dir)
+    if segments is None:
+        raise UserError(f"{run_dir} has queries but no segment files in {SEGMENTS_DIR}/; they were deleted or "
+                        f"never written (collect.py writes them)")
+    index = {int(s): i for i, s in enumerate(segments["ids"])}
+    missing = {s for q in queries for s in (q["left"], q["right"]) if s not in index}
+    if missing:
+        raise UserError(f"{len(missing)} segments named by queries are missing from {SEGMENTS_DIR}/ (one is "
+                        f"{min(missing)}); restore their segment file from a backup")
+    return segments, index
+
+
 def next_round_and_segment_id(run_dir, queries=None):
     """Round index and first free segment id after everything already on disk or named by a query, so ids
     are never reused: not after a crash (a segment file is either wholly there or not at all) and not after

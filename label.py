@@ -133,16 +133,10 @@ def answer_open_queries(args):
     if not open_queries:
         print(f"label: all {len(queries)} queries already answered")
         return
-    segments = C.load_segments(args.run)
-    if segments is None:
-        raise C.UserError(f"{args.run} has queries but no segment files; they were deleted or never written")
-    index = {int(s): i for i, s in enumerate(segments["ids"])}
+    segments, index = C.load_queried_segments(args.run, open_queries)
 
     def segment(segment_id):
-        if segment_id not in index:
-            raise C.UserError(f"segment {segment_id} named by a query is missing from {C.SEGMENTS_DIR}/")
-        i = index[segment_id]
-        return {k: segments[k][i] for k in ("obs", "acts", "rewards", "qpos", "qvel")}
+        return {k: segments[k][index[segment_id]] for k in ("obs", "acts", "rewards", "qpos", "qvel")}
 
     # B-Pref scales the skip and equal thresholds by the typical size of a segment's return.
     all_scores = [behaviour({k: segments[k][i] for k in ("obs", "acts", "rewards", "qpos", "qvel")})

@@ -340,15 +340,7 @@ def main():
     if args.if_new_labels and same_architecture and ckpt.get("labels_digest") == labels_digest(labels):
         print(f"train_reward: no new labels since {C.REWARD_MODEL} was fitted ({len(labels)}); it stays as it is")
         return
-    segments = C.load_segments(args.run)
-    if segments is None:
-        raise C.UserError(f"{args.run} has labels but no segment files; run collect.py first")
-    index = {int(s): i for i, s in enumerate(segments["ids"])}
-    missing = {q for l in labels for q in (queries[l["query_id"]]["left"], queries[l["query_id"]]["right"])
-               if q not in index}
-    if missing:
-        raise C.UserError(f"{len(missing)} segments named by labelled queries are missing from "
-                          f"{C.SEGMENTS_DIR}/ (e.g. {sorted(missing)[0]})")
+    segments, index = C.load_queried_segments(args.run, [queries[l["query_id"]] for l in labels])
 
     x = torch.as_tensor(C.segment_reward_input(segments["obs"], segments["acts"], args.inputs,
                                                args.reward_state, segments.get("next_obs")))  # (S, T or T-1, D)

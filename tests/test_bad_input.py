@@ -313,10 +313,15 @@ def test_no_labels_when_the_reward_trainer_starts(run, labels):
 # --------------------------------------------------------------------------------- files that vanish
 
 def test_a_segment_file_that_has_disappeared(run):
+    first = os.path.join(run, C.SEGMENTS_DIR, "round_0000.npz")
+    os.rename(first, first + ".away")  # the labelled queries are of round 0, the open ones of round 1
+    refused(run, "train_reward", says="named by queries are missing from segments/")
+    os.rename(first + ".away", first)
     os.remove(os.path.join(run, C.SEGMENTS_DIR, "round_0001.npz"))
-    refused(run, "teach", says="named by a query is missing from segments/")
-    os.remove(os.path.join(run, C.SEGMENTS_DIR, "round_0000.npz"))
-    refused(run, "train_reward", says="has labels but no segment files")
+    refused(run, "teach", says="named by queries are missing from segments/")
+    os.remove(os.path.join(run, C.SEGMENTS_DIR, "round_0000.npz"))  # none left
+    refused(run, "train_reward", says="has queries but no segment files")
+    refused(run, "teach", says="has queries but no segment files")
 
 
 def test_after_a_segment_file_disappeared_collect_never_reuses_its_ids(run):

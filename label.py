@@ -135,12 +135,11 @@ def answer_open_queries(args):
         return
     segments, index = C.load_queried_segments(args.run, open_queries)
 
-    def segment(segment_id):
-        return {k: segments[k][index[segment_id]] for k in ("obs", "acts", "rewards", "qpos", "qvel")}
+    def segment(row):  # what a behaviour sees of one segment
+        return {k: segments[k][row] for k in ("obs", "acts", "rewards", "qpos", "qvel")}
 
     # B-Pref scales the skip and equal thresholds by the typical size of a segment's return.
-    all_scores = [behaviour({k: segments[k][i] for k in ("obs", "acts", "rewards", "qpos", "qvel")})
-                  for i in range(len(segments["ids"]))]
+    all_scores = [behaviour(segment(row)) for row in range(len(segments["ids"]))]
     margin = float(np.mean([abs(np.sum(s)) for s in all_scores])) if all_scores else 1.0
     skip_threshold = args.skip * margin if args.skip > 0 else -np.inf
     equal_threshold = args.equal * margin
@@ -153,8 +152,8 @@ def answer_open_queries(args):
     records, now = [], time.time()
     for q in open_queries:
         rng = np.random.default_rng([config["seed"], q["query_id"]])  # same answers on every re-run
-        r_left, r_right = teacher_returns(np.asarray(behaviour(segment(q["left"])), np.float64),
-                                          np.asarray(behaviour(segment(q["right"])), np.float64), args.gamma)
+        r_left, r_right = teacher_returns(np.asarray(behaviour(segment(index[q["left"]])), np.float64),
+                                          np.asarray(behaviour(segment(index[q["right"]])), np.float64), args.gamma)
         choice = synthetic_choice(r_left, r_right, rng, args.beta, args.mistake, skip_threshold,
                                   equal_threshold)
         records.append({"query_id": q["query_id"], "choice": choice, "labeler": labeler,

@@ -138,7 +138,8 @@ def answer_open_queries(args):
     def segment(row):  # what a behaviour sees of one segment
         return {k: segments[k][row] for k in ("obs", "acts", "rewards", "qpos", "qvel")}
 
-    # B-Pref scales the skip and equal thresholds by the typical size of a segment's return.
+    # Every segment is scored once: B-Pref scales the skip and equal thresholds by the typical size of a
+    # segment's return, and each query's two sides are looked up here.
     all_scores = [behaviour(segment(row)) for row in range(len(segments["ids"]))]
     margin = float(np.mean([abs(np.sum(s)) for s in all_scores])) if all_scores else 1.0
     skip_threshold = args.skip * margin if args.skip > 0 else -np.inf
@@ -152,8 +153,8 @@ def answer_open_queries(args):
     records, now = [], time.time()
     for q in open_queries:
         rng = np.random.default_rng([config["seed"], q["query_id"]])  # same answers on every re-run
-        r_left, r_right = teacher_returns(np.asarray(behaviour(segment(index[q["left"]])), np.float64),
-                                          np.asarray(behaviour(segment(index[q["right"]])), np.float64), args.gamma)
+        r_left, r_right = teacher_returns(np.asarray(all_scores[index[q["left"]]], np.float64),
+                                          np.asarray(all_scores[index[q["right"]]], np.float64), args.gamma)
         choice = synthetic_choice(r_left, r_right, rng, args.beta, args.mistake, skip_threshold,
                                   equal_threshold)
         records.append({"query_id": q["query_id"], "choice": choice, "labeler": labeler,

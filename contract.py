@@ -31,6 +31,7 @@ QUERIES = "queries.jsonl"
 LABELS = "labels.jsonl"
 REWARD_MODEL = "reward_model.pt"
 POLICY = "policy.pt"
+SNAPSHOTS_DIR = "snapshots"  # snapshots/policy_step<N>.pt: copies of policy.pt that train_policy.py --snapshot-steps keeps
 METRICS = "metrics.jsonl"
 LEARNING_CURVE = "learning_curve.png"
 
@@ -219,9 +220,10 @@ CHECKPOINT_KEYS = {
 }
 
 
-def load_torch(path, what):
+def load_torch(path, what, kind=None):
     """Load a checkpoint written by save_torch_atomic. A missing, truncated, corrupt (bad CRC: torch itself
-    does not check it) or foreign file, or one of another format version, is a UserError."""
+    does not check it) or foreign file, or one of another format version, is a UserError. kind: the contract's
+    name of the file (POLICY, REWARD_MODEL) whose keys it must have, where its own name differs (a snapshot)."""
     import torch
     if not os.path.exists(path):
         raise UserError(f"{what} {path} does not exist")
@@ -236,7 +238,7 @@ def load_torch(path, what):
         raise UserError(f"{what} {path} disappeared while it was being read")
     except Exception as e:
         raise UserError(f"{what} {path} is corrupt or truncated ({type(e).__name__}); {advice}")
-    keys = CHECKPOINT_KEYS.get(os.path.basename(path), ())
+    keys = CHECKPOINT_KEYS.get(kind or os.path.basename(path), ())
     missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise UserError(f"{what} {path} is not a checkpoint this code wrote (it lacks {', '.join(missing)}); "
@@ -424,7 +426,7 @@ def remove_stale_temp_files(run_dir):
     """A process killed mid-write leaves its .tmp-* file behind. No reader ever looks at one, so they are
     harmless; those older than an hour are removed (a younger one may belong to a stage writing right now)."""
     now = time.time()
-    for directory in (run_dir, os.path.join(run_dir, SEGMENTS_DIR), os.path.join(run_dir, CLIPS_DIR)):
+    for directory in (run_dir, *(os.path.join(run_dir, d) for d in (SEGMENTS_DIR, CLIPS_DIR, SNAPSHOTS_DIR))):
         try:
             names = [n for n in os.listdir(directory) if n.startswith(".tmp-")]
         except OSError:

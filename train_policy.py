@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=64, help="width of the policy and value MLPs")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (small nets: 1 is fastest)")
     p.add_argument("--save-every", type=int, default=20, help="updates between checkpoints")
+    p.add_argument("--snapshot-steps", type=int, nargs="+", default=[], metavar="STEP",
+                   help="also keep the policy as snapshots/policy_step<S>.pt at the first update at or past each "
+                        "of these env steps (S: that update's step), to look at how a run got where it ended")
     p.add_argument("--no-plot", action="store_true", help="do not redraw learning_curve.png")
     args = p.parse_args(argv)
     # A mistyped flag is one sentence now, before the run directory is touched, rather than a traceback later.
@@ -85,6 +88,7 @@ def parse_args(argv=None):
              "--vf-coef": args.vf_coef >= 0, "--max-grad-norm": args.max_grad_norm > 0,
              "--target-kl": args.target_kl is None or args.target_kl > 0, "--hidden": args.hidden >= 1,
              "--threads": args.threads >= 1, "--save-every": args.save_every >= 1,
+             "--snapshot-steps": all(step >= 1 for step in args.snapshot_steps),
              "--init-log-std": -10 <= args.init_log_std <= 2}  # (and not nan)
     for flag, ok in rules.items():
         if not ok:
@@ -500,7 +504,7 @@ def main():
         update += 1
         optimizer.lr = learning_rate(global_step, args.lr, anneal_steps)
         batch, episodes = rollouts.collect(net)
-        global_step += batch_size
+        step_before, global_step = global_step, global_step + batch_size
         pg_loss, v_loss, approx_kl, clip_fraction = ppo_update(net, optimizer, batch, args,
                                                                entropy_coef(optimizer.lr, args))
 
@@ -512,6 +516,12 @@ def main():
                             for e in episodes])
         if update % args.save_every == 0:
             save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args)
+        # A snapshot is a whole checkpoint like policy.pt (so it can be scored or resumed); saving one draws no
+        # random numbers, so a run with snapshots trains exactly as one without.
+        if any(step_before < step <= global_step for step in args.snapshot_steps):
+            os.makedirs(os.path.join(args.run, C.SNAPSHOTS_DIR), exist_ok=True)
+            save_checkpoint(os.path.join(args.run, C.SNAPSHOTS_DIR, f"policy_step{global_step}.pt"), net, optimizer,
+                            obs_rms, return_rms, global_step, args)
         if update % 10 == 0 or global_step >= args.total_steps:
             mean_true = np.mean(recent_true[-20:]) if recent_true else float("nan")
             print(f"train_policy: step {global_step}/{args.total_steps}, true return (last 20 episodes) "

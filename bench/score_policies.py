@@ -15,7 +15,9 @@ gradient has to lead the agent on. For the planar bodies (HalfCheetah, Hopper, W
 is the torso's pitch, it also gives the share of steps spent upside down (pitch beyond 90 degrees): a
 HalfCheetah that flipped onto its back early runs on it, at about half the speed of one that stayed upright.
 Actions are sampled from the policy, as in training and in collect.py --evaluate, or with --deterministic are
-the policy's mean action. Reads only; writes nothing.
+the policy's mean action. A policy is a run directory (its final policy.pt) or a checkpoint file of one, such as
+a snapshot that train_policy.py --snapshot-steps kept (RUN/snapshots/policy_step26624.pt): how a run got where
+it ended. Reads only; writes nothing.
 """
 import argparse
 import os
@@ -35,6 +37,15 @@ def upside_down_share(pitch):
     """Share of the steps whose torso pitch (radians, any number of turns; (T,)) is beyond 90 degrees either
     way, i.e. whose torso is upside down."""
     return float(np.mean(np.cos(pitch) < 0))
+
+
+def policy_checkpoint(policy):
+    """(run directory, checkpoint path) of a --policies entry: a run directory, whose policy.pt it is, or a
+    checkpoint file in one, directly or in its snapshots/."""
+    if os.path.isdir(policy):
+        return policy, os.path.join(policy, C.POLICY)
+    run = os.path.dirname(os.path.abspath(policy))
+    return (os.path.dirname(run) if os.path.basename(run) == C.SNAPSHOTS_DIR else run), policy
 
 
 def episode_rewards(env, policy, reward_model, seed, deterministic=False):
@@ -67,7 +78,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--reward-model", required=True, help="run directory whose reward_model.pt scores the episodes")
-    p.add_argument("--policies", nargs="+", required=True, help="run directories whose policy.pt to roll out")
+    p.add_argument("--policies", nargs="+", required=True,
+                   help="run directories whose policy.pt to roll out, or checkpoint files in them (snapshots/*.pt)")
     p.add_argument("--episodes", type=int, default=5, help="episodes per policy")
     p.add_argument("--seed", type=int, default=0, help="seed of the first episode's reset")
     p.add_argument("--deterministic", action="store_true",
@@ -87,12 +99,13 @@ def main():
              "| policy of | policy step | true return | learned return | corr(learned, true) per step "
              "| the true return's terms | share of steps upside down |", "|---|---|---|---|---|---|---|"]
     planar = config["env_id"].split("-")[0] in PLANAR_ENVS
-    for run in args.policies:
+    for policy_path in args.policies:
+        run, checkpoint_path = policy_checkpoint(policy_path)
         other = C.read_config(run)
         if (other["env_id"], other["env_kwargs"]) != (config["env_id"], config["env_kwargs"]):
             raise C.UserError(f"{run} is a run of {other['env_id']} {other['env_kwargs']}, not of "
                               f"{config['env_id']} {config['env_kwargs']}")
-        checkpoint = C.load_torch(os.path.join(run, C.POLICY), "policy checkpoint")
+        checkpoint = C.load_torch(checkpoint_path, "policy checkpoint", kind=C.POLICY)
         policy = C.PolicyForRollout(checkpoint, obs_dim, act_dim, env.action_space.low, env.action_space.high,
                                     seed=args.seed)
         episodes = [episode_rewards(env, policy, reward_model, args.seed + i, args.deterministic)
@@ -103,10 +116,10 @@ def main():
         terms = ", ".join(f"{key} {np.mean([t[key] for t in term_sums]):.0f}" for key in term_sums[0])
         pitch = np.concatenate([o[:, 1] for o in observations])
         upside_down = f"{upside_down_share(pitch):.2f}" if planar else "-"
-        lines.append(f"| {run} | {checkpoint['global_step']} | {scores[:, 0].mean():.0f} +- {scores[:, 0].std():.0f} "
+        lines.append(f"| {policy_path} | {checkpoint['global_step']} | {scores[:, 0].mean():.0f} +- {scores[:, 0].std():.0f} "
                      f"| {scores[:, 1].mean():.0f} +- {scores[:, 1].std():.0f} | {correlation:.2f} | {terms} "
                      f"| {upside_down} |")
-        print(f"score_policies: {run}: true {scores[:, 0].mean():.1f}, learned {scores[:, 1].mean():.1f}",
+        print(f"score_policies: {policy_path}: true {scores[:, 0].mean():.1f}, learned {scores[:, 1].mean():.1f}",
               file=sys.stderr, flush=True)
     env.close()
     print("\n".join(lines))

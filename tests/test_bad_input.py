@@ -473,7 +473,8 @@ def test_reward_state_after_with_a_model_that_sees_the_action(run):
 @pytest.mark.parametrize("flags", [("--num-minibatches", "0"), ("--num-minibatches", "5000"),
                                    ("--num-minibatches", "65"), ("--num-steps", "0"),
                                    ("--save-every", "0"), ("--num-envs", "0"), ("--threads", "0"),
-                                   ("--lr", "-1"), ("--init-log-std", "nan"), ("--init-log-std", "50")])
+                                   ("--lr", "-1"), ("--init-log-std", "nan"), ("--init-log-std", "50"),
+                                   ("--snapshot-steps", "0")])
 def test_out_of_range_policy_flags(run, flags):
     """One sentence before anything is written, not a ZeroDivisionError half-way (5000 minibatches of the
     tiny stage's batch of 2 envs x 64 steps = 128 rows would each be empty; 65 would leave minibatches of one

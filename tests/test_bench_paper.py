@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+import contract as C
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--envs", "HalfCheetah-v5", "--labels", "6", "--steps", "2048", "--steps-per-round", "2048",
         "--eval-episodes", "1", "--jobs", "2"]
@@ -179,6 +181,23 @@ def test_upside_down_is_a_torso_pitch_beyond_90_degrees_either_way_after_any_num
     # upright, on its back, on its back pitched the other way, nose-down at 60 degrees, upright after a turn
     assert upside_down_share([0.0, 3.1, -2.0, 1.05, 6.3]) == 0.4
     assert upside_down_share([1.5, -1.5]) == 0.0 and upside_down_share([1.6, -1.6]) == 1.0
+
+
+def test_a_policy_to_score_is_a_run_or_a_checkpoint_in_one(tmp_path):
+    """score_policies --policies takes a run directory (its policy.pt) or a checkpoint file, a snapshot in the
+    run's snapshots/ included; the run's config.json says which env it is of. A file that is no policy
+    checkpoint is one sentence, whatever its name."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from score_policies import policy_checkpoint
+    run = str(tmp_path / "run")
+    snapshot = os.path.join(run, C.SNAPSHOTS_DIR, "policy_step26624.pt")
+    os.makedirs(os.path.dirname(snapshot))
+    assert policy_checkpoint(run) == (run, os.path.join(run, C.POLICY))
+    assert policy_checkpoint(snapshot) == (run, snapshot)
+    assert policy_checkpoint(os.path.join(run, "policy.pt.26624")) == (run, os.path.join(run, "policy.pt.26624"))
+    C.save_torch_atomic(snapshot, {"model": {}, "format_version": C.FORMAT_VERSION})
+    with pytest.raises(C.UserError, match="is not a checkpoint this code wrote"):
+        C.load_torch(snapshot, "policy checkpoint", kind=C.POLICY)
 
 
 @pytest.mark.slow

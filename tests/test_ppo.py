@@ -243,6 +243,50 @@ def test_checkpoint_resumes_where_it_stopped(tmp_path):
     assert steps == sorted(steps) and 512 < max(steps) <= 1024  # episode ends logged at their global step
 
 
+def test_snapshots_keep_the_policy_at_the_steps_asked_and_change_nothing_else(tmp_path):
+    """--snapshot-steps keeps a whole checkpoint at the first update at or past each step asked (updates of 128
+    steps here: 200 and 256 both give the one of step 256, 300 gives 384). A run with snapshots trains exactly
+    as one without, and a snapshot is the policy a run stopped at that step would have saved; a resumed run
+    keeps those it has and adds only the steps it reaches anew."""
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    common = ["--env", "InvertedPendulum-v5", "--reward", "true", "--num-envs", "2", "--num-steps", "64",
+              "--num-minibatches", "4", "--update-epochs", "2", "--anneal-steps", "512", "--save-every", "100",
+              "--no-plot"]
+
+    def train(name, total, *flags):
+        run = str(tmp_path / name)
+        result = subprocess.run([sys.executable, "train_policy.py", "--run", run, "--total-steps", str(total),
+                                 *common, *flags], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return run
+
+    snapped = train("snapped", 512, "--snapshot-steps", "300", "200", "256")
+    plain, stopped = train("plain", 512), train("stopped", 256)
+    snapshots = os.path.join(snapped, C.SNAPSHOTS_DIR)
+    assert sorted(os.listdir(snapshots)) == ["policy_step256.pt", "policy_step384.pt"]
+
+    def checkpoint(path):
+        return C.load_torch(path, "policy", kind=C.POLICY)
+
+    def same(a, b):
+        assert a["global_step"] == b["global_step"]
+        for part in ("model", "obs_rms", "return_rms"):
+            for key in a[part]:
+                assert np.array_equal(np.asarray(a[part][key]), np.asarray(b[part][key])), (part, key)
+        assert torch.equal(a["optimizer"]["exp_avg"], b["optimizer"]["exp_avg"])
+
+    same(checkpoint(os.path.join(snapped, C.POLICY)), checkpoint(os.path.join(plain, C.POLICY)))
+    same(checkpoint(os.path.join(snapshots, "policy_step256.pt")), checkpoint(os.path.join(stopped, C.POLICY)))
+    assert checkpoint(os.path.join(snapshots, "policy_step384.pt"))["global_step"] == 384
+
+    with open(os.path.join(snapshots, "policy_step256.pt"), "rb") as f:
+        kept = f.read()
+    train("snapped", 768, "--snapshot-steps", "200", "600")
+    assert sorted(os.listdir(snapshots)) == ["policy_step256.pt", "policy_step384.pt", "policy_step640.pt"]
+    with open(os.path.join(snapshots, "policy_step256.pt"), "rb") as f:
+        assert f.read() == kept
+
+
 def test_env_kwargs_leave_the_fixed_horizon_for_a_true_reward_baseline(tmp_path):
     """By default Hopper never terminates (the paper's task); --env-kwargs gives back the original,
     terminating Hopper for comparison with published PPO results, and every later stage uses the stored kwargs."""

@@ -693,7 +693,7 @@ def parse_label(record, known_queries=None):
     return None
 
 
-def read_labels(run_dir, known_queries=None):
+def read_labels(run_dir, known_queries=None, warn=True):
     """labels.jsonl as a list of well-formed records; bad ones are reported with their line and reason and
     skipped. When a query was answered more than once, every answer is kept (several opinions per pair);
     an `undo` record withdraws the previous answer of the same labeler to that query.
@@ -701,10 +701,10 @@ def read_labels(run_dir, known_queries=None):
     Given known_queries (read_queries' dict), a label that answers a query that is not in queries.jsonl is
     a UserError rather than a warning: the two files do not belong together, and training on the rest would
     pair answers with the wrong segments. (A query appended since known_queries was read is no error: that
-    label is left for the next read.)"""
+    label is left for the next read.) warn=False: skip bad lines without a word (a second read of the file)."""
     path = os.path.join(run_dir, LABELS)
     labels, fresh = [], None
-    for number, record in read_jsonl_numbered(path):
+    for number, record in read_jsonl_numbered(path, warn):
         if record.get("undo") is True and _is_int(record.get("query_id")):
             for i in range(len(labels) - 1, -1, -1):
                 if labels[i]["query_id"] == record["query_id"] and labels[i]["labeler"] == record.get("labeler"):
@@ -713,8 +713,9 @@ def read_labels(run_dir, known_queries=None):
             continue
         error = parse_label(record)
         if error:
-            print(f"warning: {path} line {number} was skipped ({error}): {json.dumps(record)[:200]}",
-                  file=sys.stderr)
+            if warn:
+                print(f"warning: {path} line {number} was skipped ({error}): {json.dumps(record)[:200]}",
+                      file=sys.stderr)
             continue
         if known_queries is not None and record["query_id"] not in known_queries:
             fresh = read_queries(run_dir, warn=False) if fresh is None else fresh

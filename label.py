@@ -115,15 +115,31 @@ def synthetic_choice(r_left, r_right, rng, beta=np.inf, mistake=0.0, skip_thresh
 
 
 def teach(args):
-    """Answer every open query. One teacher at a time: two at once would answer the same queries twice; and
-    under the web labeler's lock on labels.jsonl, so that a person's answer lands before or after, not between
-    the reading of the open queries and the appending of their answers."""
+    """Answer every open query. One teacher at a time: two at once would answer the same queries twice. The
+    answers are worked out without the web labeler's lock on labels.jsonl (scoring every segment takes seconds
+    at the paper's sizes, and a person's answer would wait that long); under it, only the answers to pairs
+    still unanswered are appended, so a pair that a person answered meanwhile keeps that one answer."""
     C.open_run(args.run, create=False)
-    with C.exclusive(args.run), C.labels_locked(args.run):
-        answer_open_queries(args)
+    with C.exclusive(args.run):
+        records = answer_open_queries(args)
+        if not records:
+            return
+        labeler = records[0]["labeler"]
+        with C.labels_locked(args.run):
+            labels = C.read_labels(args.run, C.read_queries(args.run, warn=False), warn=False)
+            answered = {label["query_id"] for label in labels}
+            late = sum(r["query_id"] in answered for r in records)
+            records = [r for r in records if r["query_id"] not in answered]
+            C.append_jsonl(os.path.join(args.run, C.LABELS), records)
+    counts = {c: sum(r["choice"] == c for r in records) for c in C.CHOICES}
+    C.log_metrics(args.run, "label", labeler=labeler, labels=len(records), labels_total=len(labels) + len(records),
+                  **{f"choice_{c}": n for c, n in counts.items()})
+    print(f"label: {labeler} answered {len(records)} queries ({counts}); {len(labels) + len(records)} labels in all"
+          + (f"; {late} were answered by someone else meanwhile, and keep that answer" if late else ""))
 
 
 def answer_open_queries(args):
+    """The teacher's answers to the queries that have no answer yet: label records, not yet appended."""
     config = C.open_run(args.run, create=False)
     behaviour = load_behaviour(args.behaviour)
     queries = C.read_queries(args.run)
@@ -132,7 +148,7 @@ def answer_open_queries(args):
     open_queries = [q for qid, q in sorted(queries.items()) if qid not in answered]
     if not open_queries:
         print(f"label: all {len(queries)} queries already answered")
-        return
+        return []
     segments, index = C.load_queried_segments(args.run, open_queries)
 
     def segment(row):  # what a behaviour sees of one segment
@@ -159,11 +175,7 @@ def answer_open_queries(args):
                                   equal_threshold)
         records.append({"query_id": q["query_id"], "choice": choice, "labeler": labeler,
                         "time": round(now, 3), "teacher": teacher})
-    C.append_jsonl(os.path.join(args.run, C.LABELS), records)
-    counts = {c: sum(r["choice"] == c for r in records) for c in C.CHOICES}
-    C.log_metrics(args.run, "label", labeler=labeler, labels=len(records), labels_total=len(labels) + len(records),
-                  **{f"choice_{c}": n for c, n in counts.items()})
-    print(f"label: {labeler} answered {len(records)} queries ({counts}); {len(labels) + len(records)} labels in all")
+    return records
 
 
 # ------------------------------------------------------------------------------------ people: `wait`

@@ -1,5 +1,6 @@
 """Issue 3: the web labeler (label.py serve, label.py wait) through Flask's test client, on tiny run
 directories built here (config.json, queries.jsonl and small mp4 clips; no env, no data/)."""
+import fcntl
 import json
 import os
 import shutil
@@ -310,24 +311,54 @@ def test_pairs_a_labeler_already_answered_are_not_waiting_for_them(run, clock):
     assert client.get("/api/status?labeler=bob").json["waiting_for_you"] == 3
 
 
-def test_teach_waits_for_the_web_labelers_lock_on_labels(run, monkeypatch):
-    """teach decides which pairs are open and appends their answers under the flock the web labeler answers
-    under; otherwise a person's answer between the two would give a pair two answers."""
-    held, done, answered_while_held = threading.Event(), threading.Event(), []
+def teacher_answers(query_ids):
+    """Label records as label.answer_open_queries returns them (not yet appended)."""
+    return [{"query_id": q, "choice": "left", "labeler": "oracle", "time": 1.0} for q in query_ids]
+
+
+def test_teach_appends_its_answers_under_the_web_labelers_lock(run, monkeypatch):
+    """teach checks which of its pairs are still open and appends their answers under the flock the web labeler
+    answers under; otherwise a person's answer between the two would give a pair two answers."""
+    held, appended_while_held = threading.Event(), []
     args = label.parse_args(["teach", "--run", run])
-    monkeypatch.setattr(label, "answer_open_queries", lambda args: done.set())
+    monkeypatch.setattr(label, "answer_open_queries", lambda args: teacher_answers([0, 1, 2]))
 
     def hold_the_lock():
         with C.labels_locked(run):
             held.set()
             time.sleep(1.0)
-            answered_while_held.append(done.is_set())
+            appended_while_held.append(len(C.read_labels(run)))
     holder = threading.Thread(target=hold_the_lock)
     holder.start()
     held.wait()
     label.teach(args)
     holder.join()
-    assert answered_while_held == [False] and done.is_set()
+    assert appended_while_held == [0] and len(C.read_labels(run)) == 3
+
+
+def test_a_person_answers_while_teach_works_out_its_answers(run, client, monkeypatch, capsys):
+    """Scoring every segment takes teach seconds at the paper's sizes: it does that without the labels lock, so
+    a person's answer goes through meanwhile, and that pair keeps the person's answer alone."""
+    args = label.parse_args(["teach", "--run", run])
+
+    def answers_while_a_person_answers(args):
+        fd = os.open(os.path.join(run, C.LABELS), os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: teach holds the labeler's lock
+        finally:
+            os.close(fd)
+        assert answer(client, 1, "right", "ann").status_code == 200
+        return teacher_answers([0, 1, 2])
+    monkeypatch.setattr(label, "answer_open_queries", answers_while_a_person_answers)
+    label.teach(args)
+    labels = C.read_labels(run)
+    assert sorted((x["query_id"], x["labeler"], x["choice"]) for x in labels) == [
+        (0, "oracle", "left"), (1, "ann", "right"), (2, "oracle", "left")]
+    out = capsys.readouterr().out
+    assert "oracle answered 2 queries" in out and "3 labels in all" in out
+    assert "1 were answered by someone else meanwhile, and keep that answer" in out
+    logged = [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "label"]
+    assert [(m["labels"], m["labels_total"]) for m in logged] == [(2, 3)]
 
 
 def test_pairs_collect_appends_appear_without_a_restart(tmp_path, clip_files, clock):

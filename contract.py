@@ -31,7 +31,7 @@ QUERIES = "queries.jsonl"
 LABELS = "labels.jsonl"
 REWARD_MODEL = "reward_model.pt"
 POLICY = "policy.pt"
-SNAPSHOTS_DIR = "snapshots"  # snapshots/policy_step<N>.pt: copies of policy.pt that train_policy.py --snapshot-steps keeps
+SNAPSHOTS_DIR = "snapshots"  # policy_step<N>.pt: policy.pt at step N, kept by train_policy.py --snapshot-steps
 METRICS = "metrics.jsonl"
 LEARNING_CURVE = "learning_curve.png"
 

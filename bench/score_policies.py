@@ -116,7 +116,8 @@ def main():
         terms = ", ".join(f"{key} {np.mean([t[key] for t in term_sums]):.0f}" for key in term_sums[0])
         pitch = np.concatenate([o[:, 1] for o in observations])
         upside_down = f"{upside_down_share(pitch):.2f}" if planar else "-"
-        lines.append(f"| {policy_path} | {checkpoint['global_step']} | {scores[:, 0].mean():.0f} +- {scores[:, 0].std():.0f} "
+        lines.append(f"| {policy_path} | {checkpoint['global_step']} "
+                     f"| {scores[:, 0].mean():.0f} +- {scores[:, 0].std():.0f} "
                      f"| {scores[:, 1].mean():.0f} +- {scores[:, 1].std():.0f} | {correlation:.2f} | {terms} "
                      f"| {upside_down} |")
         print(f"score_policies: {policy_path}: true {scores[:, 0].mean():.1f}, learned {scores[:, 1].mean():.1f}",

@@ -50,7 +50,21 @@ refuse() { echo "error: $*" >&2; exit 2; }
 case "$TEACHER" in oracle|synthetic|human) ;; *) refuse "TEACHER must be oracle, synthetic or human, not '$TEACHER'" ;; esac
 case "$CLIPS" in auto|1|0) ;; *) refuse "CLIPS must be auto, 1 or 0, not '$CLIPS'" ;; esac
 [ "$TEACHER" = human ] && [ "$CLIPS" = 0 ] && refuse "TEACHER=human needs clips to show people; drop CLIPS=0"
-[[ "$EVAL_EPISODES" =~ ^[1-9][0-9]*$ ]] || refuse "EVAL_EPISODES must be a whole number of at least 1, not '$EVAL_EPISODES'"
+[ -z "$TEACHER_FLAGS" ] || [ "$TEACHER" = synthetic ] || \
+  refuse "TEACHER_FLAGS are for TEACHER=synthetic; TEACHER=$TEACHER would ignore '$TEACHER_FLAGS'"
+# Numbers bash computes with (a typo would be a bash error half-way, after a stage had run) or that must ask labels.
+whole() {  # NAME VALUE LEAST: a whole number (no sign, no leading zero, at most 15 digits) of at least LEAST
+  [[ "$2" =~ ^(0|[1-9][0-9]{0,14})$ ]] && [ "$2" -ge "$3" ] ||
+    refuse "$1 must be a whole number of at least $3, not '$2'"
+}
+whole SEED "$SEED" 0; whole TOTAL_STEPS "$TOTAL_STEPS" 1; whole STEPS_PER_ROUND "$STEPS_PER_ROUND" 1
+whole LABELS "$LABELS" 1; whole NUM_ENVS "$NUM_ENVS" 1; whole EVAL_EPISODES "$EVAL_EPISODES" 1
+[ -z "$LABEL_STEPS" ] || whole LABEL_STEPS "$LABEL_STEPS" 1
+awk -v x="$PRETRAIN_FRACTION" 'BEGIN { exit !(x ~ /^([0-9]*[.])?[0-9]+$/ && x > 0 && x <= 1) }' || \
+  refuse "PRETRAIN_FRACTION must be a number above 0 and at most 1, not '$PRETRAIN_FRACTION'"
+awk -v x="$PRETRAIN_FRACTION" -v n="$LABELS" 'BEGIN { exit !(x * n > 0.5) }' || \
+  refuse "PRETRAIN_FRACTION=$PRETRAIN_FRACTION of LABELS=$LABELS is no pair to fit the first reward model to"
+case "$ENT_ANNEAL" in 0|1) ;; *) refuse "ENT_ANNEAL must be 1 or 0, not '$ENT_ANNEAL'" ;; esac
 
 clip_flag=--no-clips
 if [ "$CLIPS" = 1 ] || { [ "$CLIPS" = auto ] && [ "$TEACHER" = human ]; }; then clip_flag=; fi
@@ -59,6 +73,8 @@ last_round=$(( (TOTAL_STEPS + STEPS_PER_ROUND - 1) / STEPS_PER_ROUND - 1 ))
 last_collect=$(( last_round > 0 ? last_round * STEPS_PER_ROUND : 1 ))
 label_steps=${LABEL_STEPS:-$last_collect}
 schedule_end=$(( label_steps < 1 ? 1 : label_steps < last_collect ? label_steps : last_collect ))
+# With one round there is no later collect: the whole budget is asked before RL, about the random policy.
+pretrain_fraction=$( [ "$last_round" = 0 ] && echo 1 || echo "$PRETRAIN_FRACTION" )
 
 run() { echo "+ $*" >&2; "$@"; }
 
@@ -76,7 +92,7 @@ while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
   echo "=== round $round: policy step $(( round * STEPS_PER_ROUND ))/$TOTAL_STEPS" >&2
   run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" ${ENV_KWARGS:+--env-kwargs "$ENV_KWARGS"} \
       --num-envs "$NUM_ENVS" --label-budget "$LABELS" \
-      --schedule-steps "$schedule_end" --pretrain-fraction "$PRETRAIN_FRACTION" --selection "$SELECTION" $clip_flag \
+      --schedule-steps "$schedule_end" --pretrain-fraction "$pretrain_fraction" --selection "$SELECTION" $clip_flag \
       $COLLECT_FLAGS
   case "$TEACHER" in
     human) run "$PYTHON" label.py wait --run "$RUN" --fraction "$HUMAN_FRACTION" ;;

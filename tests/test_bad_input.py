@@ -571,10 +571,25 @@ def test_the_learned_reward_cannot_start_a_run(tmp_path):
     ({"CLIPS": "2"}, "CLIPS must be auto, 1 or 0, not '2'"),
     ({"TEACHER": "human", "CLIPS": "0"}, "TEACHER=human needs clips to show people"),
     ({"EVAL_EPISODES": "0"}, "EVAL_EPISODES must be a whole number of at least 1, not '0'"),
+    ({"TEACHER_FLAGS": "--mistake 1"}, "TEACHER_FLAGS are for TEACHER=synthetic; TEACHER=oracle would ignore"),
+    ({"TOTAL_STEPS": "0"}, "TOTAL_STEPS must be a whole number of at least 1, not '0'"),
+    ({"TOTAL_STEPS": "1e6"}, "TOTAL_STEPS must be a whole number of at least 1, not '1e6'"),
+    ({"STEPS_PER_ROUND": "0"}, "STEPS_PER_ROUND must be a whole number of at least 1, not '0'"),
+    ({"LABEL_STEPS": "2.5e5"}, "LABEL_STEPS must be a whole number of at least 1, not '2.5e5'"),
+    ({"LABELS": "0"}, "LABELS must be a whole number of at least 1, not '0'"),
+    ({"NUM_ENVS": "08"}, "NUM_ENVS must be a whole number of at least 1, not '08'"),
+    ({"SEED": "-1"}, "SEED must be a whole number of at least 0, not '-1'"),
+    ({"PRETRAIN_FRACTION": "0"}, "PRETRAIN_FRACTION must be a number above 0 and at most 1, not '0'"),
+    ({"PRETRAIN_FRACTION": "1.5"}, "PRETRAIN_FRACTION must be a number above 0 and at most 1, not '1.5'"),
+    ({"LABELS": "8", "PRETRAIN_FRACTION": "0.05"}, "PRETRAIN_FRACTION=0.05 of LABELS=8 is no pair to fit the first"),
+    ({"ENT_ANNEAL": "yes"}, "ENT_ANNEAL must be 1 or 0, not 'yes'"),
 ])
 def test_loop_variables_it_cannot_use(tmp_path, variables, says):
     """Refused before any stage runs: an unknown TEACHER fell through to the oracle, people without clips
-    waited forever, EVAL_EPISODES=0 failed in collect.py with a sentence about --pairs."""
+    waited forever, EVAL_EPISODES=0 failed in collect.py with a sentence about --pairs, TEACHER_FLAGS were
+    dropped without a word under the oracle, a number bash cannot compute with was a bash error after the
+    random policy's evaluation (TOTAL_STEPS=0 ran a round -1, then a traceback), and a round 0 that asks no pair
+    ended in train_reward.py's advice to run label.py, which the loop had just run."""
     run = str(tmp_path / "new")
     result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, env={**os.environ, "RUN": run, **variables},
                             capture_output=True, text=True, timeout=60)

@@ -46,6 +46,7 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     assert records[names[1]]["labels"] == 6 and records[names[0]]["labels"] is None
     # One round: the labels are due by the first collect (loop.sh clamps LABEL_STEPS to the last round's).
     assert records[names[1]]["label_steps"] == 1 and "label_steps" not in records[names[0]]
+    assert len(C.read_queries(os.path.join(out, names[1]))) == 6  # all of them, not the pretraining share
     table = open(os.path.join(out, "paper.md")).read()
     assert "| HalfCheetah-v5 | RL on the true reward |" in table and "| 6 synthetic labels |" in table
     assert "Budget: 2,048 policy steps per condition, seeds [0]" in table

@@ -437,6 +437,8 @@ def test_loop_asks_the_whole_budget_by_its_last_collect(tmp_path, total, expecte
     collects = [c.split() for c in commands if c.startswith("collect.py") and "--label-budget" in c]
     assert len(collects) == len(expected)
     assert {c[c.index("--schedule-steps") + 1] for c in collects} == {str(max(1, expected[-1]))}
+    # A single round has no later collect: it asks the whole budget before RL, not PRETRAIN_FRACTION of it.
+    assert {c[c.index("--pretrain-fraction") + 1] for c in collects} == {"1" if len(expected) == 1 else "0.25"}
     targets = [c.split()[c.split().index("--total-steps") + 1] for c in commands if c.startswith("train_policy.py")]
     assert targets == [str(min(step + 50000, int(total))) for step in expected]
 

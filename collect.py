@@ -372,6 +372,9 @@ def collect(args, config):
     every query on disk names segments (and clips) that are on disk. A re-run after a crash asks only what
     is still due and numbers everything after what is on disk or named by a query."""
     queries = C.read_queries(args.run)
+    # Labels of queries that queries.jsonl no longer has (a lost or replaced file) would answer the new queries
+    # numbered after what is left: refused here, as train_reward.py refuses them, before any id is given out.
+    C.read_labels(args.run, queries, warn=False)
     round_index, first_id = C.next_round_and_segment_id(args.run, queries)
     policy_step = 0 if args.random_policy else C.policy_step(args.run)
     n_pairs = pairs_due(args, policy_step, len(queries))

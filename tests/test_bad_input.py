@@ -238,11 +238,19 @@ def test_a_checkpoint_of_another_kind(run):
 
 # ------------------------------------------------------------------------------------------ labels
 
-@pytest.mark.parametrize("name", ["train_reward", "teach"])
+@pytest.mark.parametrize("name", ["train_reward", "teach", "collect"])
 def test_a_label_that_names_an_unknown_query(run, name):
     C.append_jsonl(os.path.join(run, C.LABELS), {"query_id": 99, "choice": "left", "labeler": "ann", "time": 1.0})
     number = len(lines(os.path.join(run, C.LABELS))) - 1
-    refused(run, name, says=f"labels.jsonl line {number} answers query 99, which is not in queries.jsonl")
+    refused(run, name, *(["--pairs", "2"] if name == "collect" else []),
+            says=f"labels.jsonl line {number} answers query 99, which is not in queries.jsonl")
+
+
+def test_collect_refuses_to_number_new_queries_over_the_answers_of_lost_ones(run):
+    """With queries.jsonl gone, new queries would be numbered from 0 again, and the old answers to queries
+    0, 1, ... would train the reward model as answers to the new pairs."""
+    os.rename(os.path.join(run, C.QUERIES), os.path.join(run, "queries.jsonl.lost"))
+    refused(run, "collect", "--pairs", "2", says="labels.jsonl line 1 answers query 0, which is not in queries.jsonl")
 
 
 def test_the_web_labeler_refuses_labels_of_another_runs_queries(run):

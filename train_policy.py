@@ -477,6 +477,11 @@ def main():
         ckpt = C.load_torch(path, "policy checkpoint")
         if ckpt["hidden"] != args.hidden:
             raise C.UserError(f"{path} has hidden size {ckpt['hidden']}, not {args.hidden}")
+        # Going on with the other reward would leave a policy of both, labelled as trained on the last one.
+        if ckpt.get("reward", args.reward) != args.reward:
+            raise C.UserError(f"{path} was trained on the {ckpt['reward']} reward, not the {args.reward} one; go on "
+                              f"with --reward {ckpt['reward']}, or train on the {args.reward} reward in a new run "
+                              f"directory")
         try:
             net.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])

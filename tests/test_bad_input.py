@@ -491,6 +491,13 @@ def test_out_of_range_policy_flags(run, flags):
                  f"argument {flags[0]}: value out of range")
 
 
+def test_a_policy_of_the_learned_reward_does_not_go_on_with_the_true_one(run):
+    """The run's policy.pt was trained on the learned reward: going on with --reward true would mix the two
+    and label the result as trained on the true reward alone."""
+    refused(run, "train_policy", "--reward", "true", "--total-steps", "256",
+            says="policy.pt was trained on the learned reward, not the true one; go on with --reward learned")
+
+
 def test_negative_anneal_steps(run):
     refused(run, "train_policy", "--reward", "true", "--anneal-steps", "-5",
             says="--anneal-steps must be 0 (constant learning rate) or positive, not -5")

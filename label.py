@@ -154,9 +154,23 @@ def answer_open_queries(args):
     def segment(row):  # what a behaviour sees of one segment
         return {k: segments[k][row] for k in ("obs", "acts", "rewards", "qpos", "qvel")}
 
+    def score(row):  # the behaviour's (T,) per-step scores of one segment; a user's function may be of another env
+        try:
+            scores = np.asarray(behaviour(segment(row)), np.float64)
+        except Exception as e:
+            raise C.UserError(f"behaviour {args.behaviour!r} failed on a segment of {config['env_id']} "
+                              f"({type(e).__name__}: {str(e)[:120]}); is it meant for this env?")
+        if scores.shape != (config["segment_steps"],):
+            raise C.UserError(f"behaviour {args.behaviour!r} must return one score per step of a segment, an "
+                              f"array of shape ({config['segment_steps']},), not of shape {scores.shape}")
+        if not np.isfinite(scores).all():
+            raise C.UserError(f"behaviour {args.behaviour!r} gave {np.size(scores) - np.isfinite(scores).sum()} "
+                              f"scores that are not finite (nan or inf) to a segment of {config['env_id']}")
+        return scores
+
     # Every segment is scored once: B-Pref scales the skip and equal thresholds by the typical size of a
     # segment's return, and each query's two sides are looked up here.
-    all_scores = [behaviour(segment(row)) for row in range(len(segments["ids"]))]
+    all_scores = [score(row) for row in range(len(segments["ids"]))]
     margin = float(np.mean([abs(np.sum(s)) for s in all_scores])) if all_scores else 1.0
     skip_threshold = args.skip * margin if args.skip > 0 else -np.inf
     equal_threshold = args.equal * margin
@@ -169,8 +183,7 @@ def answer_open_queries(args):
     records, now = [], time.time()
     for q in open_queries:
         rng = np.random.default_rng([config["seed"], q["query_id"]])  # same answers on every re-run
-        r_left, r_right = teacher_returns(np.asarray(all_scores[index[q["left"]]], np.float64),
-                                          np.asarray(all_scores[index[q["right"]]], np.float64), args.gamma)
+        r_left, r_right = teacher_returns(all_scores[index[q["left"]]], all_scores[index[q["right"]]], args.gamma)
         choice = synthetic_choice(r_left, r_right, rng, args.beta, args.mistake, skip_threshold,
                                   equal_threshold)
         records.append({"query_id": q["query_id"], "choice": choice, "labeler": labeler,

@@ -519,6 +519,21 @@ def test_out_of_range_flags_of_the_other_stages(run, name, flags):
     flag_refused(run, lambda: stage(name, run, *flags), f"argument {flags[-2]}: value out of range")
 
 
+@pytest.mark.parametrize("function, says", [
+    ("return np.full(len(segment['rewards']), np.nan)", "gave 30 scores that are not finite (nan or inf)"),
+    ("return float(segment['rewards'].sum())", "must return one score per step of a segment, an array of shape "
+                                               "(30,), not of shape ()"),
+    ("return segment['rewards'][:-1]", "not of shape (29,)"),
+    ("return segment['qvel'][:, 50]", "failed on a segment of HalfCheetah-v5 (IndexError: index 50 is out of"),
+])
+def test_a_behaviour_that_gives_no_score_per_step(run, tmp_path, monkeypatch, function, says):
+    """A user's behaviour that returns nan answered every pair 'right' and wrote a margin of NaN into
+    labels.jsonl; one that returns a number, or fails on this env's segments, was a traceback."""
+    (tmp_path / "my_behaviours.py").write_text(f"import numpy as np\ndef judge(segment):\n    {function}\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    refused(run, "teach", "--behaviour", "my_behaviours:judge", says=("behaviour 'my_behaviours:judge' ", says))
+
+
 @pytest.mark.parametrize("behaviour", [":x", ".x:y"])
 def test_a_behaviour_that_is_not_a_module_path(run, behaviour):
     refused(run, "teach", "--behaviour", behaviour, says=f"cannot load behaviour {behaviour!r}")

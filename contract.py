@@ -999,11 +999,16 @@ def load_reward_model(run_dir, config=None):
     model = reward_model_from_checkpoint(load_torch(path, "reward model"), path)
     model.eval()
     if config is not None:
-        expected = reward_in_dim(model.inputs, config["obs_shape"][0], config["act_shape"][0])
-        if model.in_dim != expected:
-            raise UserError(f"{path} expects {model.in_dim} inputs, but {config['env_id']} gives it {expected} "
-                            f"({model.inputs}); it is from another env's run")
+        check_reward_model_env(model, config, path)
     return model
+
+
+def check_reward_model_env(model, config, path):
+    """A UserError unless the model's input width is what the run's env gives a model of its inputs."""
+    expected = reward_in_dim(model.inputs, config["obs_shape"][0], config["act_shape"][0])
+    if model.in_dim != expected:
+        raise UserError(f"{path} expects {model.in_dim} inputs, but {config['env_id']} gives it {expected} "
+                        f"({model.inputs}); it is from another env's run")
 
 
 def reward_model_from_checkpoint(checkpoint, path):

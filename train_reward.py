@@ -333,6 +333,8 @@ def main():
     path = os.path.join(args.run, C.REWARD_MODEL)
     ckpt = C.load_torch(path, "reward model") if os.path.exists(path) and not args.fresh else None
     saved = None if ckpt is None else C.reward_model_from_checkpoint(ckpt, path)
+    if saved is not None:  # (a model of other flags is fitted afresh; one of another env's run is refused)
+        C.check_reward_model_env(saved, config, path)
     same_architecture = saved is not None and \
         (saved.members, saved.hidden, saved.layers, saved.inputs, saved.reward_state) == \
         (args.members, args.hidden, args.layers, args.inputs, args.reward_state)

@@ -231,6 +231,17 @@ def test_the_loop_on_a_corrupt_checkpoint(run):
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("name, args", [("train_reward", ()), ("train_policy", ()), ("collect", ("--pairs", "2"))])
+def test_a_reward_model_of_another_envs_run(run, name, args):
+    """train_reward.py refits a model of other flags afresh, but took one of another env's run for that too and
+    wrote over it; every stage that reads the model refuses it."""
+    import train_reward
+    model = C.build_reward_ensemble(11, inputs="obs")  # Hopper's observation: HalfCheetah's has 17 numbers
+    train_reward.save_model(os.path.join(run, C.REWARD_MODEL), model, [1e-2] * 3, [])
+    refused(run, name, *args, says="reward_model.pt expects 11 inputs, but HalfCheetah-v5 gives it 17 (obs); it is "
+                                   "from another env's run")
+
+
 def test_a_checkpoint_of_another_kind(run):
     shutil.copy(os.path.join(run, C.POLICY), os.path.join(run, C.REWARD_MODEL))
     refused(run, "train_reward", says="is not a checkpoint this code wrote (it lacks members")

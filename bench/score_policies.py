@@ -43,9 +43,15 @@ def policy_checkpoint(policy):
     """(run directory, checkpoint path) of a --policies entry: a run directory, whose policy.pt it is, or a
     checkpoint file in one, directly or in its snapshots/."""
     if os.path.isdir(policy):
-        return policy, os.path.join(policy, C.POLICY)
-    run = os.path.dirname(os.path.abspath(policy))
-    return (os.path.dirname(run) if os.path.basename(run) == C.SNAPSHOTS_DIR else run), policy
+        run, path = policy, os.path.join(policy, C.POLICY)
+    elif os.path.isfile(policy):
+        run, path = os.path.dirname(os.path.abspath(policy)), policy
+        run = os.path.dirname(run) if os.path.basename(run) == C.SNAPSHOTS_DIR else run
+    else:
+        raise C.UserError(f"{policy} does not exist; give a run directory or a checkpoint file in one")
+    if not os.path.exists(os.path.join(run, C.CONFIG)):
+        raise C.UserError(f"{policy} is not a run directory nor a checkpoint in one: {run} has no {C.CONFIG}")
+    return run, path
 
 
 def episode_rewards(env, policy, reward_model, seed, deterministic=False):
@@ -80,11 +86,13 @@ def main():
     p.add_argument("--reward-model", required=True, help="run directory whose reward_model.pt scores the episodes")
     p.add_argument("--policies", nargs="+", required=True,
                    help="run directories whose policy.pt to roll out, or checkpoint files in them (snapshots/*.pt)")
-    p.add_argument("--episodes", type=int, default=5, help="episodes per policy")
+    p.add_argument("--episodes", type=int, default=5, help="episodes per policy (at least 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first episode's reset")
     p.add_argument("--deterministic", action="store_true",
                    help="act with the policy's mean action instead of sampling (how much does its noise cost?)")
     args = p.parse_args()
+    if args.episodes < 1:
+        p.error(f"argument --episodes: at least 1, not {args.episodes}")
     import torch
     torch.set_num_threads(1)
 

@@ -193,12 +193,25 @@ def test_a_policy_to_score_is_a_run_or_a_checkpoint_in_one(tmp_path):
     run = str(tmp_path / "run")
     snapshot = os.path.join(run, C.SNAPSHOTS_DIR, "policy_step26624.pt")
     os.makedirs(os.path.dirname(snapshot))
+    copy = os.path.join(run, "policy.pt.26624")
+    C.save_torch_atomic(snapshot, {"model": {}, "format_version": C.FORMAT_VERSION})
+    C.save_torch_atomic(copy, {"model": {}, "format_version": C.FORMAT_VERSION})
+    with pytest.raises(C.UserError, match=f"is not a run directory nor a checkpoint in one: {run} has no"):
+        policy_checkpoint(snapshot)
+    C.write_json_atomic(os.path.join(run, C.CONFIG), {})
     assert policy_checkpoint(run) == (run, os.path.join(run, C.POLICY))
     assert policy_checkpoint(snapshot) == (run, snapshot)
-    assert policy_checkpoint(os.path.join(run, "policy.pt.26624")) == (run, os.path.join(run, "policy.pt.26624"))
-    C.save_torch_atomic(snapshot, {"model": {}, "format_version": C.FORMAT_VERSION})
+    assert policy_checkpoint(copy) == (run, copy)
     with pytest.raises(C.UserError, match="is not a checkpoint this code wrote"):
         C.load_torch(snapshot, "policy checkpoint", kind=C.POLICY)
+    # Mistakes: a name that is not there, the snapshots folder itself.
+    with pytest.raises(C.UserError, match="run-typo does not exist; give a run directory or a checkpoint file"):
+        policy_checkpoint(run + "-typo")
+    with pytest.raises(C.UserError, match="is not a run directory nor a checkpoint in one"):
+        policy_checkpoint(os.path.dirname(snapshot))
+    result = subprocess.run([sys.executable, "bench/score_policies.py", "--reward-model", run, "--policies", run,
+                             "--episodes", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "argument --episodes: at least 1, not 0" in result.stderr
 
 
 @pytest.mark.slow

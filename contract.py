@@ -416,7 +416,9 @@ def read_config(run_dir):
     for key, kind in CONFIG_FIELDS.items():
         value = config.get(key)
         if (not isinstance(value, kind) or isinstance(value, bool)
-                or key in ("obs_shape", "act_shape") and not (len(value) == 1 and type(value[0]) is int)):
+                or key in ("obs_shape", "act_shape") and not (len(value) == 1 and type(value[0]) is int
+                                                              and value[0] >= 1)
+                or key in ("dt", "segment_steps", "nq", "nv") and not value > 0 or key == "seed" and value < 0):
             raise UserError(f"{path} lacks a valid {key!r}, so it was not written by this code or was edited; "
                             f"restore it or start a new run directory")
     return config

@@ -126,6 +126,15 @@ def test_a_broken_config(run, content, says):
     refused(run, "teach", says=says)
 
 
+@pytest.mark.parametrize("key, value", [("segment_steps", 0), ("segment_steps", -3), ("dt", float("nan")),
+                                        ("obs_shape", [0]), ("nv", 0), ("seed", -1)])
+def test_a_config_edited_to_a_value_no_run_has(run, key, value):
+    """The types were checked, not the values: segment_steps 0 was a ZeroDivisionError in collect.py."""
+    path = os.path.join(run, C.CONFIG)
+    C.write_json_atomic(path, {**json.load(open(path)), key: value})
+    refused(run, "collect", "--pairs", "2", says=f"lacks a valid {key!r}")
+
+
 # ----------------------------------------------------------------------------------- segment files
 
 def truncate(path, keep=0.5):

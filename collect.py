@@ -13,6 +13,7 @@ Writes: segments/round_RRRR.npz, clips/<segment_id>.mp4, queries.jsonl, metrics.
 """
 import argparse
 import contextlib
+import hashlib
 import math
 import os
 import sys
@@ -336,20 +337,34 @@ def evaluate(args, config):
         clip = os.path.join(C.CLIPS_DIR, f"policy_{name}.mp4")
         renderer.write(os.path.join(args.run, clip), episodes[0]["qpos"][:steps], episodes[0]["qvel"][:steps])
         renderer.close()
-    C.log_metrics(args.run, "evaluate", policy_step=policy_step, policy=name, episodes=len(returns),
-                  true_return_mean=float(np.mean(returns)), true_return_std=float(np.std(returns)), clip=clip)
+    C.log_metrics(args.run, "evaluate", policy_step=policy_step, policy=name, policy_digest=policy_digest(args),
+                  episodes=len(returns), true_return_mean=float(np.mean(returns)),
+                  true_return_std=float(np.std(returns)), clip=clip)
     print(f"evaluate: {name} policy, {len(returns)} episodes, true return {np.mean(returns):.1f} "
           f"+- {np.std(returns):.1f}" + (f", clip {os.path.join(args.run, clip)}" if clip else ""))
 
 
+def policy_digest(args):
+    """SHA-256 of the policy.pt that --evaluate evaluates (None for the random policy): which policy an
+    evaluation was of, since a policy trained again from scratch to the same step has the same name."""
+    path = os.path.join(args.run, C.POLICY)
+    if args.random_policy or not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def earlier_evaluation(args):
-    """The last metrics.jsonl record that evaluated the policy --evaluate would evaluate now, with at least as
-    many episodes and, unless --no-clips, a clip still on disk; None if there is none. An evaluation is a pure
-    function of the run's seed and policy, so running it again would log the same figures a second time."""
+    """The last metrics.jsonl record that evaluated the policy --evaluate would evaluate now (the same
+    policy.pt, byte for byte), with at least as many episodes and, unless --no-clips, a clip still on disk;
+    None if there is none. An evaluation is a pure function of the run's seed and policy, so running it again
+    would log the same figures a second time."""
     random_policy = args.random_policy or not os.path.exists(os.path.join(args.run, C.POLICY))
     name = "random" if random_policy else f"step{C.policy_step(args.run)}"
+    digest = policy_digest(args)
     for m in reversed(C.read_jsonl(os.path.join(args.run, C.METRICS), warn=False)):
-        if (m.get("stage") == "evaluate" and m.get("policy") == name and m.get("episodes", 0) >= args.evaluate
+        if (m.get("stage") == "evaluate" and m.get("policy") == name and m.get("policy_digest") == digest
+                and m.get("episodes", 0) >= args.evaluate
                 and (args.no_clips or (m.get("clip") and os.path.exists(os.path.join(args.run, m["clip"]))))):
             return m
     return None

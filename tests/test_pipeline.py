@@ -307,6 +307,15 @@ def test_evaluate_if_new_policy_skips_only_an_evaluation_already_logged(tmp_path
     assert result.returncode == 0, result.stderr
     evaluate("3")
     assert evaluations()[-1]["policy"] == f"step{C.policy_step(run)}" and len(evaluations()) == 5
+    assert "evaluated already" in evaluate("3", "--no-clips")
+    # And so is a policy trained again from scratch to the same step: same name, another policy.
+    os.remove(os.path.join(run, C.POLICY))
+    result = run_stage("train_policy.py", "--run", run, "--reward", "true", "--total-steps", "256",
+                       "--num-envs", "1", "--no-plot", "--init-log-std", "-2", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "evaluated already" not in evaluate("3", "--no-clips")
+    assert len(evaluations()) == 6 and evaluations()[-1]["policy"] == evaluations()[-2]["policy"]
+    assert evaluations()[-1]["policy_digest"] != evaluations()[-2]["policy_digest"]
 
 
 # ----------------------------------------------------------------------------------- end to end

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import contract as C
@@ -138,3 +139,26 @@ def test_a_clicked_button_answers_once_and_undo_withdraws_it_after_a_change_of_n
     until(lambda: len(label_lines(run)) == 2, what="the undo")
     assert label_lines(run)[1]["undo"] is True and label_lines(run)[1]["labeler"] == labeler
     assert C.read_labels(run) == []
+
+
+def test_the_dashboard_labels_its_axes_with_round_numbers(server, browser):
+    """The curves' axes are labelled at round steps (1, 2 or 5 times a power of ten), the value axis widened to
+    the ticks around the data: 3.6, 560, 1117 told a person less than 0, 500, 1000."""
+    run, url = server
+    steps = np.linspace(0, 501760, 50).round()
+    C.append_jsonl(os.path.join(run, C.METRICS), [
+        {"stage": "train_policy", "time": 1.0, "step": int(s), "true_return": float(-120 + 1519 * s / steps[-1]),
+         "learned_return": None} for s in steps])
+    C.append_jsonl(os.path.join(run, C.METRICS), [
+        {"stage": "train_reward", "time": 1.0, "labels": n, "val_accuracy": a}
+        for n, a in [(125, 0.926), (212, 0.875), (500, 0.963)]])
+    browser.get(url + "dashboard")
+
+    def labels(chart, axis):
+        return browser.execute_script(
+            f"return [...document.querySelectorAll('#{chart} .{axis}')].map(t => t.textContent)")
+    until(lambda: labels("returns", "ytick"), what="the returns chart")
+    assert labels("returns", "ytick") == ["-500", "0", "500", "1000", "1500"]
+    assert labels("returns", "xtick") == ["0", "200k", "400k"]  # within the steps trained
+    assert labels("accuracy", "ytick") == ["0.85", "0.90", "0.95", "1.00"]
+    assert labels("accuracy", "xtick") == ["200", "300", "400", "500"]

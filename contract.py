@@ -650,6 +650,14 @@ def next_round_and_segment_id(run_dir, queries=None):
 
 # ----------------------------------------------------------------------------------- queries, labels
 
+def _is_finite(number):
+    """math.isfinite, and False for an int too large for a float (JSON's integers have no bound)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -688,7 +696,7 @@ def parse_label(record, known_queries=None):
     if not isinstance(record.get("labeler"), str) or not record["labeler"]:
         return "labeler must be a non-empty string"
     if not isinstance(record.get("time"), (int, float)) or isinstance(record.get("time"), bool) \
-            or not math.isfinite(record["time"]):
+            or not _is_finite(record["time"]):
         return "time must be a number (seconds since the epoch)"
     if known_queries is not None and record["query_id"] not in known_queries:
         return f"query {record['query_id']} is not in {QUERIES}"

@@ -204,7 +204,7 @@ def wait(args):
     if not 0 < args.fraction <= 1:
         raise C.UserError(f"--fraction must be more than 0 and at most 1, not {args.fraction}")
     C.open_run(args.run, create=False)
-    started, said, last = time.time(), 0.0, None
+    started, said, last, clips = time.time(), 0.0, None, Pairs(args.run)
     while True:
         queries = C.read_queries(args.run)
         labels = C.read_labels(args.run, queries)
@@ -212,6 +212,15 @@ def wait(args):
         needed = still_needed(len(queries), labelled, args.fraction)
         if needed == 0:
             break
+        # People see only pairs with both clips on disk (Pairs.clip_file's rule): if too few are left, say so.
+        answered = {label["query_id"] for label in labels}
+        playable = sum(qid not in answered and all(clips.clip_file(args.run, q.get(side)) for side in
+                                                   ("left_clip", "right_clip")) for qid, q in queries.items())
+        if playable < needed:
+            raise C.UserError(f"{needed} more pairs need an answer, but only {playable} of the unanswered ones have "
+                              f"both clips to show people (the others were asked without clips, for a synthetic "
+                              f"teacher, or lost them); answer those with `label.py teach --run {args.run}`, or "
+                              f"lower --fraction")
         if needed != last or time.time() - said >= 30:
             print(f"label: waiting for people: {needed} more pairs need an answer ({labelled} of {len(queries)} "
                   f"answered, {args.fraction:.0%} wanted); answer them in `make label RUN={args.run}`", flush=True)
@@ -579,6 +588,12 @@ def create_app(run_dir, instructions=DEFAULT_INSTRUCTIONS, token=None, opinions=
     return app
 
 
+def labeling_url(host, port, token=None):
+    """The address to give people: the token percent-quoted, so that one with + & # or spaces reads back whole."""
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}/" + (f"?token={urllib.parse.quote(token, safe='')}" if token else "")
+
+
 def serve(args):
     args.token = args.token or os.environ.get("LABEL_TOKEN") or None
     if not args.token and not is_loopback(args.host):
@@ -591,9 +606,8 @@ def serve(args):
             probe.bind((args.host, args.port))
     except OSError as e:
         raise C.UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port")
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"label: labeling page http://{host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
-          + f" (dashboard: /dashboard), run {args.run}; Ctrl-C stops", flush=True)
+    print(f"label: labeling page {labeling_url(args.host, args.port, args.token)} (dashboard: /dashboard), "
+          f"run {args.run}; Ctrl-C stops", flush=True)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     app.run(host=args.host, port=args.port, threaded=True)
 

@@ -560,3 +560,37 @@ def test_wait_returns_at_once_when_enough_are_answered_and_refuses_a_bad_fractio
     label.wait(label.parse_args(["wait", "--run", run, "--fraction", "1"]))
     with pytest.raises(C.UserError, match="--fraction"):
         label.wait(label.parse_args(["wait", "--run", run, "--fraction", "1.5"]))
+
+
+def test_wait_refuses_to_wait_for_pairs_people_cannot_see(run):
+    """A run asked for a synthetic teacher has pairs without clips, which the labeler never shows: a human loop
+    resumed on it waited for their answers forever. So did one whose clips were deleted."""
+    add_queries(run, [3, 4], left_clip=None, right_clip=None)  # 5 pairs, 3 with clips
+    with pytest.raises(C.UserError, match=r"5 more pairs need an answer, but only 3 of the unanswered ones have both "
+                                          r"clips to show people .*answer those with `label.py teach --run "):
+        label.wait(label.parse_args(["wait", "--run", run, "--fraction", "1"]))
+    os.remove(os.path.join(run, C.CLIPS_DIR, "1.mp4"))  # pairs 0 and 1 show clip 1
+    C.append_jsonl(os.path.join(run, C.LABELS), {"query_id": 3, "choice": "left", "labeler": "ann", "time": 1.0})
+    with pytest.raises(C.UserError, match="2 more pairs need an answer, but only 1 of the unanswered ones"):
+        label.wait(label.parse_args(["wait", "--run", run, "--fraction", "0.6"]))
+    C.append_jsonl(os.path.join(run, C.LABELS), {"query_id": 4, "choice": "left", "labeler": "ann", "time": 1.0})
+    label.wait(label.parse_args(["wait", "--run", run, "--fraction", "0.4"]))  # answered: nothing to wait for
+
+
+@pytest.mark.parametrize("token", ["a+b", "x&y=1", "abc#1", "with space", "s3cret"])
+def test_the_address_serve_prints_carries_the_whole_token(run, clock, token):
+    url = label.labeling_url("127.0.0.1", 8000, token)
+    client = label.create_app(run, token=token, clock=clock).test_client()
+    assert client.get(url[len("http://127.0.0.1:8000"):]).status_code == 200, url
+    assert label.labeling_url("::1", 80) == "http://[::1]:80/"
+
+
+def test_a_label_time_too_large_for_a_float_is_a_malformed_line(run, clock, capsys):
+    """JSON's integers have no bound: one too large for a float was an OverflowError in every reader."""
+    with open(os.path.join(run, C.LABELS), "a") as f:
+        f.write('{"query_id": 0, "choice": "left", "labeler": "ann", "time": 1' + "0" * 400 + '}\n')
+    C.append_jsonl(os.path.join(run, C.LABELS), {"query_id": 1, "choice": "left", "labeler": "ann", "time": 1.0})
+    assert [x["query_id"] for x in C.read_labels(run)] == [1]
+    assert "line 1 was skipped (time must be a number" in capsys.readouterr().err
+    client = label.create_app(run, clock=clock).test_client()
+    assert client.get("/api/status?labeler=ann").json["labels"] == 1

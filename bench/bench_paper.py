@@ -14,8 +14,9 @@ Every condition trains the same PPO with the same entropy bonus (--ent-coef, loo
 with the learning rate unless --no-ent-anneal), so that they differ in the reward only.
 
 Resumable: each condition lives in its own run directory under --out (by default one per step budget,
-bench/out/paper-500k) and is marked done by done.json; a re-run does only what is missing (and resumes
-a condition that was interrupted). While conditions train it prints, every minute, where each one is. Writes
+bench/out/paper-500k), records what it is trained with in settings.json when it starts and is marked done by
+done.json; a re-run does only what is missing (and resumes a condition that was interrupted), and refuses a
+condition, finished or not, that was begun with other flags. While conditions train it prints, every minute, where each one is. Writes
 the table to <out>/paper.md and the plot to <out>/paper.png, and prints both paths.
 """
 import argparse
@@ -67,6 +68,13 @@ def parse_args():
     args = p.parse_args()
     if args.progress_every <= 0:
         p.error("argument --progress-every: must be above 0 seconds")
+    for flag, ok in {"--labels": min(args.labels) >= 1, "--steps": args.steps >= 1, "--seeds": min(args.seeds) >= 0,
+                     "--steps-per-round": args.steps_per_round >= 1, "--jobs": args.jobs >= 1,
+                     "--eval-episodes": args.eval_episodes >= 1, "--ent-coef": args.ent_coef >= 0,
+                     "--label-steps": args.label_steps is None or args.label_steps >= 1,
+                     "--init-log-std": -10 <= args.init_log_std <= 2}.items():
+        if not ok:  # (a condition would fail only after the others had trained, or not start at all)
+            p.error(f"argument {flag}: value out of range (see --help)")
     args.out = args.out or os.path.join(ROOT, "bench", "out", f"paper-{args.steps // 1000}k")
     # As loop.sh clamps it: labels are never due after the last round's collect.
     last = last_collect(args.steps, args.steps_per_round)
@@ -95,41 +103,63 @@ def segment_seconds(env_id):
     return float(os.environ.get("SEGMENT_SECONDS") or C.default_segment_seconds(env_id))
 
 
+def condition_settings(args, env_id, labels, seed, teacher):
+    """What a condition is trained and scored with: written to its settings.json when it starts and into its
+    done.json when it ends, and checked against the flags by every later run (finished_record)."""
+    return {"env": env_id, "labels": labels, "seed": seed, "steps": args.steps, "teacher": teacher,
+            "ent_coef": args.ent_coef, "ent_anneal": args.ent_anneal, "init_log_std": args.init_log_std,
+            "eval_episodes": args.eval_episodes,
+            **({} if labels is None else {"label_steps": args.label_steps, "steps_per_round": args.steps_per_round})}
+
+
 def finished_record(args, run):
-    """The done.json record of a finished condition, or None; refuses one of another task, budget, bonus or (a
-    label condition) segment length."""
-    done_path = os.path.join(run, "done.json")
-    if not os.path.exists(done_path):
-        return None
-    with open(done_path) as f:
-        record = json.load(f)
+    """The done.json record of a finished condition, or None. Refuses a condition, finished or only begun
+    (its settings.json), of another task, budget, bonus, starting std, schedule or evaluation, or (a label
+    condition) segment length: its results would be another experiment's under this one's table."""
+    for name in ("done.json", "settings.json"):
+        path = os.path.join(run, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                record = json.load(f)
+            check_settings(args, run, record)
+            return record if name == "done.json" else None
+    return None
+
+
+def check_settings(args, run, record):
     config = C.read_config(run)  # (None where a condition's results were copied without it: not checked)
     if config and config["env_kwargs"] != C.default_env_kwargs(record["env"]):
-        raise SystemExit(f"bench_paper: {run} was trained on {record['env']} with env kwargs "
-                         f"{json.dumps(config['env_kwargs'])}, not the paper's task "
-                         f"{json.dumps(C.default_env_kwargs(record['env']))}; give another --out")
+        raise C.UserError(f"{run} was trained on {record['env']} with env kwargs "
+                          f"{json.dumps(config['env_kwargs'])}, not the paper's task "
+                          f"{json.dumps(C.default_env_kwargs(record['env']))}; give another --out")
     if record["labels"] is not None and config and config["segment_seconds"] != segment_seconds(record["env"]):
-        raise SystemExit(f"bench_paper: {run} was trained on {config['segment_seconds']:g} s segments, not "
-                         f"{segment_seconds(record['env']):g} s; give another --out")
+        raise C.UserError(f"{run} was trained on {config['segment_seconds']:g} s segments, not "
+                          f"{segment_seconds(record['env']):g} s; give another --out")
     if record["steps"] != args.steps:
-        raise SystemExit(f"bench_paper: {run} was trained for {record['steps']:,} steps, not {args.steps:,}; "
-                         f"give another --out")
+        raise C.UserError(f"{run} was trained for {record['steps']:,} steps, not {args.steps:,}; "
+                          f"give another --out")
     if record.get("ent_coef", args.ent_coef) != args.ent_coef:  # (records of before --ent-coef lack it)
-        raise SystemExit(f"bench_paper: {run} was trained with entropy bonus {record['ent_coef']:g}, not "
-                         f"{args.ent_coef:g}; give another --out")
+        raise C.UserError(f"{run} was trained with entropy bonus {record['ent_coef']:g}, not "
+                          f"{args.ent_coef:g}; give another --out")
     # (records of before --label-steps lack it: their labels were due until the last round's collect)
     label_steps = record.get("label_steps", last_collect(record["steps"], args.steps_per_round))
     if record["labels"] is not None and label_steps != args.label_steps:
-        raise SystemExit(f"bench_paper: {run} asked its labels until step {label_steps:,}, not "
-                         f"{args.label_steps:,}; give another --out")
+        raise C.UserError(f"{run} asked its labels until step {label_steps:,}, not "
+                          f"{args.label_steps:,}; give another --out")
     if record.get("ent_anneal", False) != args.ent_anneal:  # (records of before --ent-anneal lack it)
-        raise SystemExit(f"bench_paper: {run} was trained with the entropy bonus "
-                         f"{'decaying' if record.get('ent_anneal') else 'constant'}, not "
-                         f"{'decaying' if args.ent_anneal else 'constant'}; give another --out")
+        raise C.UserError(f"{run} was trained with the entropy bonus "
+                          f"{'decaying' if record.get('ent_anneal') else 'constant'}, not "
+                          f"{'decaying' if args.ent_anneal else 'constant'}; give another --out")
     if record.get("init_log_std", 0.0) != args.init_log_std:  # (records of before --init-log-std lack it)
-        raise SystemExit(f"bench_paper: {run} started its policy at log std {record.get('init_log_std', 0.0):g}, "
-                         f"not {args.init_log_std:g}; give another --out")
-    return record
+        raise C.UserError(f"{run} started its policy at log std {record.get('init_log_std', 0.0):g}, "
+                          f"not {args.init_log_std:g}; give another --out")
+    # (records of before 2026-12-06 lack these two)
+    if record.get("eval_episodes", args.eval_episodes) != args.eval_episodes:
+        raise C.UserError(f"{run} was scored over {record['eval_episodes']} evaluation episodes, not "
+                          f"{args.eval_episodes}; give another --out")
+    if record["labels"] is not None and record.get("steps_per_round", args.steps_per_round) != args.steps_per_round:
+        raise C.UserError(f"{run} had label rounds every {record['steps_per_round']:,} steps, not "
+                          f"{args.steps_per_round:,}; give another --out")
 
 
 # The conditions training now, name -> run directory, for the progress lines (a condition takes minutes to an
@@ -181,7 +211,10 @@ def run_condition(args, env_id, labels, seed, teacher="oracle"):
 
 def train_condition(args, env_id, labels, seed, teacher, name, run):
     """run_condition's training, evaluation and done.json of a condition that has not finished."""
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(run, exist_ok=True)
+    settings = condition_settings(args, env_id, labels, seed, teacher)
+    if not os.path.exists(os.path.join(run, "settings.json")):  # (finished_record checked one that is there)
+        C.write_json_atomic(os.path.join(run, "settings.json"), settings)
     started = time.time()
     log = open(os.path.join(args.out, name + ".log"), "a")
     # MUJOCO_GL from the caller when set: on a machine without EGL, "disable" runs the (clip-less) conditions
@@ -205,14 +238,11 @@ def train_condition(args, env_id, labels, seed, teacher, name, run):
         log.flush()
         result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         if result.returncode != 0:
-            raise RuntimeError(f"{name} failed; see its .log in {args.out}")
+            raise C.UserError(f"{name} failed; see {os.path.join(args.out, name + '.log')}")
     metrics = C.read_jsonl(os.path.join(run, C.METRICS), warn=False)
     evaluation = [m for m in metrics if m["stage"] == "evaluate" and m["policy"] != "random"][-1]
     episodes = [m for m in metrics if m["stage"] == "train_policy"]
-    record = {"env": env_id, "labels": labels, "seed": seed, "steps": args.steps, "teacher": teacher,
-              "ent_coef": args.ent_coef, "ent_anneal": args.ent_anneal, "init_log_std": args.init_log_std,
-              **({} if labels is None else {"label_steps": args.label_steps}),
-              "segment_steps": C.read_config(run)["segment_steps"],
+    record = {**settings, "segment_steps": C.read_config(run)["segment_steps"],
               "eval_true_return": evaluation["true_return_mean"],
               "train_true_return_last20": float(np.mean([e["true_return"] for e in episodes[-20:]])),
               "minutes": round((time.time() - started) / 60, 1)}
@@ -299,6 +329,8 @@ def main():
     if args.report_only:
         records = [r for r in finished if r is not None]
         print(f"{len(records)} of {len(conditions)} conditions finished")
+        if not records:
+            raise C.UserError(f"no condition of these flags has finished in {args.out}; nothing to report")
     else:
         stop = threading.Event()
         names = [condition_name(*c, args.ent_coef) for c in conditions]
@@ -312,4 +344,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    C.run_main(main)

@@ -4,6 +4,7 @@ tasks in one results directory, and writes its table and plot. A tiny budget on 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -113,6 +114,26 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     assert other.returncode != 0 and "with env kwargs {}, not the paper's task" in other.stdout + other.stderr
     with open(config_path, "w") as f:
         json.dump(config, f)
+    # And one scored over other evaluation episodes, or with other label rounds.
+    for edit, says in [({"eval_episodes": 3}, "was scored over 3 evaluation episodes, not 1"),
+                       ({"steps_per_round": 1024}, "had label rounds every 1,024 steps, not 2,048")]:
+        with open(done, "w") as f:
+            json.dump({**records[names[1]], **edit}, f)
+        other = bench(out)
+        assert other.returncode == 2 and says in other.stderr, other.stderr[-2000:]
+    with open(done, "w") as f:
+        json.dump(records[names[1]], f)
+    # A condition that was begun with other flags and killed has no done.json, but its settings.json says what
+    # it was begun with: refused too, before anything trains, instead of going on with the new flags.
+    begun = os.path.join(out, "HalfCheetah-v5-6labels-s7")
+    os.makedirs(begun)
+    with open(os.path.join(begun, "settings.json"), "w") as f:
+        json.dump({**json.load(open(os.path.join(out, names[1], "settings.json"))), "seed": 7, "steps": 4096}, f)
+    other = bench(out, "--seeds", "0", "7")
+    assert other.returncode == 2 and "6labels-s7 was trained for 4,096 steps, not 2,048" in other.stderr
+    assert os.listdir(begun) == ["settings.json"]
+    assert not os.path.exists(os.path.join(out, "HalfCheetah-v5-true-ent0.01-s7"))
+    shutil.rmtree(begun)
 
     # score_policies rates the runs' final policies with one run's reward model; --deterministic acts with the
     # mean action, so its episodes differ from the sampled ones.
@@ -182,6 +203,22 @@ def test_upside_down_is_a_torso_pitch_beyond_90_degrees_either_way_after_any_num
     # upright, on its back, on its back pitched the other way, nose-down at 60 degrees, upright after a turn
     assert upside_down_share([0.0, 3.1, -2.0, 1.05, 6.3]) == 0.4
     assert upside_down_share([1.5, -1.5]) == 0.0 and upside_down_share([1.6, -1.6]) == 1.0
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--labels", "0"], "argument --labels: value out of range"), (["--steps", "0"], "argument --steps"),
+    (["--steps-per-round", "0"], "argument --steps-per-round"), (["--jobs", "0"], "argument --jobs"),
+    (["--eval-episodes", "0"], "argument --eval-episodes"), (["--seeds", "-1"], "argument --seeds"),
+    (["--report-only", "--out", "/nonexistent/paper"], "no condition of these flags has finished in "
+                                                        "/nonexistent/paper; nothing to report"),
+])
+def test_bench_paper_refuses_flags_it_cannot_run_before_it_trains_anything(flags, says):
+    """--labels 0 trained the true-reward condition to the end (an hour at the default budget) before its label
+    condition failed with a traceback; --jobs 0, --steps-per-round 0 and a mistyped --out of --report-only were
+    tracebacks."""
+    result = subprocess.run([sys.executable, "bench/bench_paper.py", "--envs", "HalfCheetah-v5", *flags], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_a_policy_to_score_is_a_run_or_a_checkpoint_in_one(tmp_path):

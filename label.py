@@ -156,7 +156,8 @@ def answer_open_queries(args):
 
     def score(row):  # the behaviour's (T,) per-step scores of one segment; a user's function may be of another env
         try:
-            scores = np.asarray(behaviour(segment(row)), np.float64)
+            scores = np.asarray(behaviour(segment(row)))
+            np.isfinite(scores.astype(np.float64))  # (numbers at all)
         except Exception as e:
             raise C.UserError(f"behaviour {args.behaviour!r} failed on a segment of {config['env_id']} "
                               f"({type(e).__name__}: {str(e)[:120]}); is it meant for this env?")
@@ -183,7 +184,8 @@ def answer_open_queries(args):
     records, now = [], time.time()
     for q in open_queries:
         rng = np.random.default_rng([config["seed"], q["query_id"]])  # same answers on every re-run
-        r_left, r_right = teacher_returns(all_scores[index[q["left"]]], all_scores[index[q["right"]]], args.gamma)
+        r_left, r_right = teacher_returns(np.asarray(all_scores[index[q["left"]]], np.float64),
+                                          np.asarray(all_scores[index[q["right"]]], np.float64), args.gamma)
         choice = synthetic_choice(r_left, r_right, rng, args.beta, args.mistake, skip_threshold,
                                   equal_threshold)
         records.append({"query_id": q["query_id"], "choice": choice, "labeler": labeler,
@@ -204,7 +206,7 @@ def wait(args):
     if not 0 < args.fraction <= 1:
         raise C.UserError(f"--fraction must be more than 0 and at most 1, not {args.fraction}")
     C.open_run(args.run, create=False)
-    started, said, last, clips = time.time(), 0.0, None, Pairs(args.run)
+    started, said, last, pairs = time.time(), 0.0, None, Pairs(args.run)
     while True:
         queries = C.read_queries(args.run)
         labels = C.read_labels(args.run, queries)
@@ -214,7 +216,7 @@ def wait(args):
             break
         # People see only pairs with both clips on disk (Pairs.clip_file's rule): if too few are left, say so.
         answered = {label["query_id"] for label in labels}
-        playable = sum(qid not in answered and all(clips.clip_file(args.run, q.get(side)) for side in
+        playable = sum(qid not in answered and all(pairs.clip_file(args.run, q.get(side)) for side in
                                                    ("left_clip", "right_clip")) for qid, q in queries.items())
         if playable < needed:
             raise C.UserError(f"{needed} more pairs need an answer, but only {playable} of the unanswered ones have "

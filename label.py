@@ -269,6 +269,7 @@ class Pairs:
         self.times = []  # sorted times of the answers not withdrawn: labels per minute, dashboard
         self.answer_times = {}  # (query_id, labeler) -> times of their answers to it, oldest first
         self.seen = {C.QUERIES: (None, 0), C.LABELS: (None, 0)}  # file -> (inode, bytes taken in)
+        self.clips_changed = None  # clips/'s modification time when the open pairs' clips were last checked
 
     def clip_file(self, base, name):
         """The real path of the file `name` (relative to `base`) names, or None unless it is a file inside the
@@ -373,6 +374,18 @@ class Pairs:
                     return {"query_id": qid, **self.queries[qid]}
             return None
 
+    def _check_clips_if_changed(self):
+        """Count the open pairs that lost a clip as without clips now, not only once someone is offered one:
+        all of them checked, but only when clips/ changed (one stat a request otherwise)."""
+        try:
+            changed = os.stat(self.clips).st_mtime_ns
+        except OSError:
+            changed = None
+        if changed != self.clips_changed:
+            self.clips_changed = changed
+            for qid in list(self.open):
+                self._clips_still_there(qid)
+
     def _clips_still_there(self, qid):
         """Whether both clips of open pair qid are still on disk; a pair that lost one while the server ran
         is counted as without clips from then on, as it would have been had it been missing at the start."""
@@ -418,6 +431,7 @@ class Pairs:
         minutes, this labeler's answers and how many more answers the training loop waits for."""
         with self.lock:
             self.sync()
+            self._check_clips_if_changed()
             now = self.clock()
             recent = self.times[bisect.bisect_left(self.times, now - 300):]
             minutes = max(1.0, (now - recent[0]) / 60) if recent else 1.0

@@ -204,6 +204,8 @@ def test_a_clip_that_disappears_while_the_labeler_runs_is_no_longer_offered(run,
     assert next_pair(client, "ann")["query_id"] == 0
     assert client.get("/api/status").json["without_clips"] == 0
     os.remove(os.path.join(run, "clips", "2.mp4"))  # pair 1 shows clips 1 and 2, pair 2 clips 2 and 3
+    s = client.get("/api/status").json  # before anyone is offered them
+    assert (s["without_clips"], s["waiting"]) == (2, 1), s  # pair 0, on ann's screen, is still waiting
     assert next_pair(client, "bob") is None
     assert client.get("/api/status").json["without_clips"] == 2
     assert answer(client, 0, "left", "ann").status_code == 200  # the pair on screen can still be answered

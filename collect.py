@@ -42,7 +42,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", required=True, help="run directory, e.g. data/cheetah")
     p.add_argument("--env", default=None, help="gymnasium env id; required when the run is new")
-    p.add_argument("--seed", type=at_least(0), default=0, help="seed of a new run (stored in config.json)")
+    p.add_argument("--seed", type=at_least(0), default=None,
+                   help="seed of a new run (default 0; stored in config.json, and a run's own is kept)")
     p.add_argument("--segment-seconds", type=at_least(1e-3, float), default=None,
                    help="segment duration of a new run, in simulated seconds (default: contract.SEGMENT_SECONDS, "
                         "the paper's: 0.48 s for Hopper, else 1.5 s)")

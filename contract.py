@@ -442,12 +442,12 @@ def remove_stale_temp_files(run_dir):
                 pass
 
 
-def open_run(run_dir, env_id=None, seed=0, segment_seconds=None, create=True, env_kwargs=None):
+def open_run(run_dir, env_id=None, seed=None, segment_seconds=None, create=True, env_kwargs=None):
     """Return the run's config, creating data/<run>/ and config.json on first use.
 
     A stage that names an env (--env) must match the run's; a run of another format version is refused.
-    env_kwargs (None: TASK_KWARGS) are fixed when the run is created; other ones later are refused.
-    segment_seconds (None: default_segment_seconds) is fixed when the run is created and ignored after.
+    env_kwargs (None: TASK_KWARGS), seed (None: 0) and segment_seconds (None: default_segment_seconds) are
+    fixed when the run is created; other ones given later are refused, not ignored.
     Nothing is written before the env id has been checked, so a mistyped one leaves no directory behind."""
     path = os.path.join(run_dir, CONFIG)
     config = read_config(run_dir)
@@ -457,6 +457,14 @@ def open_run(run_dir, env_id=None, seed=0, segment_seconds=None, create=True, en
         if env_kwargs is not None and env_kwargs != config["env_kwargs"]:
             raise UserError(f"{run_dir} was created with env kwargs {json.dumps(config['env_kwargs'])}, not "
                             f"{json.dumps(env_kwargs)}; pick another --run")
+        if seed is not None and seed != config["seed"]:
+            raise UserError(f"{run_dir} was created with seed {config['seed']}, not {seed}; pick another --run, "
+                            f"or leave the seed out to go on with this one")
+        steps = None if segment_seconds is None else seconds_to_steps(segment_seconds, config["dt"])
+        if steps is not None and steps != config["segment_steps"]:
+            raise UserError(f"{run_dir} cuts segments of {config['segment_steps']} steps, not the {steps} of "
+                            f"{segment_seconds:g} s; pick another --run, or leave the segment length out to go on "
+                            f"with this one")
         remove_stale_temp_files(run_dir)
         return config
     if not create:
@@ -489,7 +497,7 @@ def open_run(run_dir, env_id=None, seed=0, segment_seconds=None, create=True, en
         "format_version": FORMAT_VERSION,
         "env_id": env_id,
         "env_kwargs": env_kwargs,
-        "seed": int(seed),
+        "seed": 0 if seed is None else int(seed),
         "dt": dt,
         "segment_seconds": float(segment_seconds),
         "segment_steps": segment_steps,

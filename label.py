@@ -70,13 +70,17 @@ BEHAVIOURS = {f.__name__: f for f in (env_reward, reacher_spin_ccw, hopper_backf
 
 
 def load_behaviour(name):
-    """A built-in behaviour by name, or a user's function given as module:function (module on sys.path)."""
+    """A built-in behaviour by name, or a user's function given as module:function (module on sys.path, in the
+    working directory or, under loop.sh, where the loop was started)."""
     if name in BEHAVIOURS:
         return BEHAVIOURS[name]
     if ":" not in name:
         raise C.UserError(f"unknown behaviour {name!r}; built in: {', '.join(BEHAVIOURS)}, or module:function")
     module_name, function_name = name.split(":", 1)
-    sys.path.insert(0, os.getcwd())
+    # (after numpy and torch are imported, so that a file of the same name there cannot stand in for them)
+    for directory in (os.environ.get("LOOP_START_DIR"), os.getcwd()):  # loop.sh runs teach from the repository
+        if directory:
+            sys.path.insert(0, directory)
     try:
         return getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError, ValueError, TypeError) as e:  # ValueError, TypeError: ":f", ".m:f"

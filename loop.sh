@@ -9,11 +9,13 @@ set -euo pipefail
 # The stages run from the repository; a RUN or PYTHON given relative to where the loop was started stays so.
 case "${RUN:-}" in ""|/*) ;; *) RUN="$PWD/$RUN" ;; esac
 case "${PYTHON:-}" in ""|/*) ;; */*) PYTHON="$PWD/$PYTHON" ;; esac
+# A teacher's behaviour given as module:function (TEACHER_FLAGS) is looked for where the loop was started, too.
+export LOOP_START_DIR="$PWD"
 cd "$(dirname "$0")"
 
 RUN=${RUN:-data/demo}
 ENV_ID=${ENV_ID:-HalfCheetah-v5}
-SEED=${SEED:-0}
+SEED=${SEED:-}                             # seed of a new run (default 0), fixed when the run is created
 SEGMENT_SECONDS=${SEGMENT_SECONDS:-}      # segment length in simulated seconds, fixed when the run is created
                                           # (default: collect.py's, the paper's: 0.48 for Hopper, else 1.5)
 ENV_KWARGS=${ENV_KWARGS:-}                # JSON keyword arguments for gym.make, fixed when the run is created
@@ -57,7 +59,7 @@ whole() {  # NAME VALUE LEAST: a whole number (no sign, no leading zero, at most
   [[ "$2" =~ ^(0|[1-9][0-9]{0,14})$ ]] && [ "$2" -ge "$3" ] ||
     refuse "$1 must be a whole number of at least $3, not '$2'"
 }
-whole SEED "$SEED" 0; whole TOTAL_STEPS "$TOTAL_STEPS" 1; whole STEPS_PER_ROUND "$STEPS_PER_ROUND" 1
+[ -z "$SEED" ] || whole SEED "$SEED" 0; whole TOTAL_STEPS "$TOTAL_STEPS" 1; whole STEPS_PER_ROUND "$STEPS_PER_ROUND" 1
 whole LABELS "$LABELS" 1; whole NUM_ENVS "$NUM_ENVS" 1; whole EVAL_EPISODES "$EVAL_EPISODES" 1
 [ -z "$LABEL_STEPS" ] || whole LABEL_STEPS "$LABEL_STEPS" 1
 awk -v x="$PRETRAIN_FRACTION" 'BEGIN { exit !(x ~ /^([0-9]*[.])?[0-9]+$/ && x > 0 && x <= 1) }' || \
@@ -80,7 +82,7 @@ run() { echo "+ $*" >&2; "$@"; }
 
 # The random policy's score, once, for comparison at the end.
 if ! grep -qs '"policy": "random"' "$RUN/metrics.jsonl"; then
-  run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" --seed "$SEED" ${SEGMENT_SECONDS:+--segment-seconds "$SEGMENT_SECONDS"} \
+  run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" ${SEED:+--seed "$SEED"} ${SEGMENT_SECONDS:+--segment-seconds "$SEGMENT_SECONDS"} \
       ${ENV_KWARGS:+--env-kwargs "$ENV_KWARGS"} --evaluate "$EVAL_EPISODES" --random-policy $clip_flag
 fi
 
@@ -90,8 +92,8 @@ step=$("$PYTHON" -c "import contract, sys; contract.run_main(lambda: print(contr
 round=$(( step / STEPS_PER_ROUND < last_round ? step / STEPS_PER_ROUND : last_round ))
 while [ $(( round * STEPS_PER_ROUND )) -lt "$TOTAL_STEPS" ]; do
   echo "=== round $round: policy step $(( round * STEPS_PER_ROUND ))/$TOTAL_STEPS" >&2
-  run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" ${ENV_KWARGS:+--env-kwargs "$ENV_KWARGS"} \
-      --num-envs "$NUM_ENVS" --label-budget "$LABELS" \
+  run "$PYTHON" collect.py --run "$RUN" --env "$ENV_ID" ${ENV_KWARGS:+--env-kwargs "$ENV_KWARGS"} ${SEED:+--seed "$SEED"} \
+      ${SEGMENT_SECONDS:+--segment-seconds "$SEGMENT_SECONDS"} --num-envs "$NUM_ENVS" --label-budget "$LABELS" \
       --schedule-steps "$schedule_end" --pretrain-fraction "$pretrain_fraction" --selection "$SELECTION" $clip_flag \
       $COLLECT_FLAGS
   case "$TEACHER" in

@@ -31,7 +31,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--env", default=None, help="gymnasium env id; required when the run is new")
-    p.add_argument("--seed", type=int, default=0, help="seed of a new run (stored in config.json)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of a new run (default 0; stored in config.json, and a run's own is kept)")
     p.add_argument("--env-kwargs", type=C.env_kwargs_flag, default=None,
                    help="JSON keyword arguments for gym.make of a new run, e.g. '{\"terminate_when_unhealthy\": "
                         "true}' for the original Hopper (default: the paper's task, contract.TASK_KWARGS)")
@@ -78,8 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true", help="do not redraw learning_curve.png")
     args = p.parse_args(argv)
     # A mistyped flag is one sentence now, before the run directory is touched, rather than a traceback later.
-    rules = {"--seed": args.seed >= 0, "--total-steps": args.total_steps >= 0, "--num-envs": args.num_envs >= 1,
-             "--num-steps": args.num_steps >= 1,
+    rules = {"--seed": args.seed is None or args.seed >= 0, "--total-steps": args.total_steps >= 0,
+             "--num-envs": args.num_envs >= 1, "--num-steps": args.num_steps >= 1,
              # at least 2 rows each: the advantages of a minibatch are normalised by their std
              "--num-minibatches": 1 <= args.num_minibatches <= args.num_envs * args.num_steps // 2,
              "--update-epochs": args.update_epochs >= 1, "--lr": args.lr > 0, "--gamma": 0 <= args.gamma <= 1,
@@ -90,6 +91,10 @@ def parse_args(argv=None):
              "--threads": args.threads >= 1, "--save-every": args.save_every >= 1,
              "--snapshot-steps": all(step >= 1 for step in args.snapshot_steps),
              "--init-log-std": -10 <= args.init_log_std <= 2}  # (and not nan)
+    # inf passes the bounds above and trains NaN weights without an error; 1e308 overflows torch's float32
+    for flag in ("--lr", "--clip-coef", "--ent-coef", "--explore-coef", "--vf-coef", "--max-grad-norm", "--target-kl"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        rules[flag] = rules[flag] and (value is None or (value <= 1.0 if flag == "--lr" else value < 1e6))
     for flag, ok in rules.items():
         if not ok:
             p.error(f"argument {flag}: value out of range (see --help)")

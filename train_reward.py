@@ -84,6 +84,11 @@ def parse_args(argv=None):
              "--target-ratio": 0 < args.target_ratio[0] <= args.target_ratio[1],
              "--adapt-every": args.adapt_every >= 1, "--normalize-rounds": args.normalize_rounds >= 1,
              "--threads": args.threads >= 1}
+    # inf passes the bounds above and fits a NaN model without an error; 1e308 overflows torch's float32
+    rules["--lr"] &= args.lr <= 1.0
+    for flag, values in {"--l2": [args.l2], "--l2-range": args.l2_range, "--l2-factor": [args.l2_factor],
+                         "--target-ratio": args.target_ratio}.items():
+        rules[flag] &= all(v < 1e6 for v in values)
     for flag, ok in rules.items():
         if not ok:
             p.error(f"argument {flag}: value out of range (see --help)")

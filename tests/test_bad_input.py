@@ -107,6 +107,20 @@ def test_a_run_of_an_older_format(run, name):
             says=("data format version 0", f"reads version {C.FORMAT_VERSION}"))
 
 
+@pytest.mark.parametrize("name, flags, says", [
+    ("collect", ("--pairs", "2", "--seed", "7"), "was created with seed 0, not 7; pick another --run, or leave"),
+    ("collect", ("--pairs", "2", "--segment-seconds", "0.5"), "cuts segments of 30 steps, not the 10 of 0.5 s"),
+    ("train_policy", ("--seed", "7"), "was created with seed 0, not 7"),
+])
+def test_a_seed_or_segment_length_other_than_the_runs(run, name, flags, says):
+    """Both are fixed when the run is created; given again with another value they were ignored without a
+    word (README's `SEGMENT_SECONDS=1.0 ./loop.sh` on an existing run kept its old length). The run's own value,
+    given again, is fine."""
+    refused(run, name, *flags, says=says)
+    from test_faults import ok
+    ok(stage("collect", run, "--pairs", "2", "--seed", "0", "--segment-seconds", "1.5"))
+
+
 def test_a_config_without_the_env_sizes(run):
     path = os.path.join(run, C.CONFIG)
     config = json.load(open(path))
@@ -502,7 +516,8 @@ def test_reward_state_after_with_a_model_that_sees_the_action(run):
                                    ("--num-minibatches", "65"), ("--num-steps", "0"),
                                    ("--save-every", "0"), ("--num-envs", "0"), ("--threads", "0"),
                                    ("--lr", "-1"), ("--init-log-std", "nan"), ("--init-log-std", "50"),
-                                   ("--snapshot-steps", "0")])
+                                   ("--snapshot-steps", "0"), ("--lr", "inf"), ("--lr", "1e308"), ("--ent-coef", "inf"),
+                                   ("--vf-coef", "inf"), ("--explore-coef", "inf"), ("--target-kl", "inf")])
 def test_out_of_range_policy_flags(run, flags):
     """One sentence before anything is written, not a ZeroDivisionError half-way (5000 minibatches of the
     tiny stage's batch of 2 envs x 64 steps = 128 rows would each be empty; 65 would leave minibatches of one
@@ -527,6 +542,10 @@ def test_negative_anneal_steps(run):
     ("train_policy", ("--reward", "true", "--seed", "-1")),
     ("train_reward", ("--seed", "-1")),
     ("train_reward", ("--epochs", "inf")),
+    ("train_reward", ("--lr", "inf")),
+    ("train_reward", ("--lr", "1e308")),
+    ("train_reward", ("--l2-range", "0", "inf")),
+    ("train_reward", ("--l2", "inf")),
     ("teach", ("--mistake", "2")),
     ("teach", ("--gamma", "nan")),
     ("teach", ("--beta", "-1")),
@@ -536,7 +555,8 @@ def test_negative_anneal_steps(run):
 def test_out_of_range_flags_of_the_other_stages(run, name, flags):
     """A teacher's flags out of range would write wrong answers into labels.jsonl, which is never rewritten;
     a negative seed would be a traceback from gymnasium or numpy after config.json was written."""
-    flag_refused(run, lambda: stage(name, run, *flags), f"argument {flags[-2]}: value out of range")
+    flag = [f for f in flags if f.startswith("--")][-1]
+    flag_refused(run, lambda: stage(name, run, *flags), f"argument {flag}: value out of range")
 
 
 @pytest.mark.parametrize("function, says", [
@@ -646,6 +666,22 @@ def test_loop_variables_it_cannot_use(tmp_path, variables, says):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"error: {says}"), result.stderr
     assert not os.path.exists(run)
+
+
+@pytest.mark.slow
+def test_loop_finds_a_behaviour_where_it_was_started(tmp_path):
+    """label.py teach --behaviour module:function finds the module in the working directory; loop.sh, which runs
+    the stages from the repository, found it only there and failed after its first collect."""
+    (tmp_path / "my_judge.py").write_text("def backwards(segment):\n    return -segment['qvel'][:, 0]\n")
+    variables = {"RUN": "run", "ENV_ID": "HalfCheetah-v5", "LABELS": "4", "TOTAL_STEPS": "128",
+                 "STEPS_PER_ROUND": "128", "NUM_ENVS": "1", "EVAL_EPISODES": "1", "REWARD_STEPS": "5", "CLIPS": "0",
+                 "TEACHER": "synthetic", "TEACHER_FLAGS": "--behaviour my_judge:backwards", "PYTHON": PYTHON,
+                 "POLICY_FLAGS": "--num-steps 64 --num-minibatches 2 --no-plot"}
+    result = subprocess.run(["bash", os.path.join(ROOT, "loop.sh")], cwd=tmp_path, env={**os.environ, **variables},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    labels = C.read_labels(str(tmp_path / "run"))
+    assert len(labels) == 4 and {x["teacher"]["behaviour"] for x in labels} == {"my_judge:backwards"}
 
 
 def test_loop_keeps_a_relative_run_directory_where_it_was_started(tmp_path):

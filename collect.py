@@ -24,8 +24,9 @@ import numpy as np
 import contract as C
 
 
-def at_least(minimum, kind=int):
-    """argparse type: a finite number >= minimum, so that a mistyped flag is one sentence, not a traceback later."""
+def at_least(minimum, kind=int, most=math.inf):
+    """argparse type: a finite number >= minimum (and <= most), so that a mistyped flag is one sentence, not a
+    traceback later."""
     def parse(text):
         try:
             value = kind(text)
@@ -33,6 +34,8 @@ def at_least(minimum, kind=int):
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
         if not minimum <= value < math.inf:  # also refuses nan
             raise argparse.ArgumentTypeError(f"must be a finite number of at least {minimum}, not {text}")
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, not {text}")
         return value
     return parse
 
@@ -72,7 +75,8 @@ def parse_args(argv=None):
                    help="share of the rollout envs whose policy acts with its mean action instead of sampling, "
                         "so that pairs also show the (usually better) behaviour the policy is heading for")
     p.add_argument("--no-clips", action="store_true", help="skip rendering (synthetic teachers need none)")
-    p.add_argument("--clip-size", type=at_least(16), default=128, help="clip width and height in pixels")
+    p.add_argument("--clip-size", type=at_least(16, most=4096), default=128,
+                   help="clip width and height in pixels (16 to 4096: MuJoCo's offscreen buffer has a limit)")
     p.add_argument("--clip-fps", type=at_least(0.1, float), default=30.0,
                    help="at most this many frames per second")
     p.add_argument("--clip-min-seconds", type=at_least(0.0, float), default=1.5,
@@ -188,20 +192,25 @@ def collect_segment_pool(args, config, needed, seed):
     max_steps = random_episode_steps(args, policy_step, config["segment_steps"])
     per_episode = max(1, min(horizon, max_steps or horizon) // config["segment_steps"])
     rounds = math.ceil(needed / (per_episode * args.num_envs))
-    segments, returns = [], []
-    for attempt in range(50):  # short (terminating) episodes may need more rollouts than estimated
+    segments, returns, barren = [], [], 0
+    # Short (terminating) episodes may need many more rollouts than estimated: go on while they still give
+    # segments (up to 1000 rollouts), and give up after 20 in a row without one (episodes shorter than a segment).
+    for attempt in range(1000):
         episodes = rollout_episodes(envs, policy, rng, seed + 1000 * attempt, rounds,
                                     mean_action_envs(args, policy_step), max_steps)
         returns += [float(e["rewards"].sum()) for e in episodes]
+        before = len(segments)
         for episode in episodes:
             segments += cut_segments(episode, config["segment_steps"], rng)
-        if len(segments) >= needed:
+        barren = 0 if len(segments) > before else barren + 1
+        if len(segments) >= needed or barren >= 20:
             break
     for env in envs:
         env.close()
     if len(segments) < needed:
         raise C.UserError(f"episodes of {config['env_id']} are too short to cut {needed} segments of "
-                          f"{config['segment_steps']} steps; start a new run with a shorter --segment-seconds")
+                          f"{config['segment_steps']} steps ({len(returns)} episodes gave {len(segments)}); start a "
+                          f"new run with a shorter --segment-seconds")
     pool = {k: np.stack([s[k] for s in segments]) for k in segments[0]}
     return pool, policy_step, float(np.mean(returns)) if returns else float("nan")
 
@@ -250,6 +259,13 @@ def select_pairs(pool_size, n_pairs, rng, member_returns=None, candidates_factor
     # keeps the side its segments were drawn on: sorted, the earlier segment would always be on the left,
     # and a person's bias for one side would become a bias for early segments.
     _, first = np.unique(np.sort(np.stack([left, right], axis=1), axis=1), axis=0, return_index=True)
+    # Too few distinct candidates (a low --candidates-factor): draw more, so that no pair is asked twice, as far
+    # as the pool has pairs enough (collect's pool always has: two segments a pair).
+    while len(first) < min(n_pairs, pool_size * (pool_size - 1) // 2):
+        more = rng.integers(0, pool_size, m)
+        left, right = np.concatenate([left, more]), np.concatenate([right, (more + rng.integers(1, pool_size, m))
+                                                                   % pool_size])
+        _, first = np.unique(np.sort(np.stack([left, right], axis=1), axis=1), axis=0, return_index=True)
     if len(first) >= n_pairs:
         left, right = left[first], right[first]
     diff = np.clip(member_returns[:, left] - member_returns[:, right], -50, 50)
@@ -273,7 +289,7 @@ class ClipRenderer:
         # HalfCheetah's default camera stays put and a running agent leaves the picture: follow the torso
         # (gymnasium resets the camera type on every render, so we move the free camera's target instead).
         self.camera = viewer.cam
-        self.follow = "trackbodyid" not in self.env.unwrapped.mujoco_renderer.default_cam_config
+        self.follow = "trackbodyid" not in (self.env.unwrapped.mujoco_renderer.default_cam_config or {})
         # A segment of T steps lasts T * dt in real time; one shorter than min_seconds (Hopper's 0.48 s) is
         # too quick to judge, so it plays slowed down to min_seconds. Steps above max_fps are skipped.
         steps_per_second = 1.0 / config["dt"] / max(1.0, min_seconds / (config["segment_steps"] * config["dt"]))

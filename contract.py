@@ -337,8 +337,9 @@ def make_env(env_id, env_kwargs=None, render_size=None):
     except (gym.error.Error, ImportError) as e:  # ImportError: an id of the form module:Name-v0
         reason = " ".join(str(e).split()).rstrip(".").replace(". ", "; ")
         raise UserError(f"unknown or unavailable environment id {env_id!r} ({reason})")
-    except (TypeError, ValueError, ArithmeticError) as e:  # e.g. {"frame_skip": 0} divides by zero
-        raise UserError(f"environment {env_id!r} does not accept these arguments: {e}")
+    except (TypeError, ValueError, ArithmeticError, OSError) as e:  # {"frame_skip": 0}, {"xml_file": "nope"}
+        raise UserError(f"environment {env_id!r} does not accept these arguments ({type(e).__name__}: {e}); fix "
+                        f"--env-kwargs")
     return _height_reward(env, height_weight) if height_weight else env
 
 

@@ -459,6 +459,8 @@ def test_env_kwargs_the_env_does_not_accept(tmp_path):
     ('{"ctrl_cost_weight": "0.1"}',
      'HalfCheetah-v5 with env kwargs {"ctrl_cost_weight": "0.1"} fails on its first step'),
     ('{"frame_skip": 0}', "environment 'HalfCheetah-v5' does not accept these arguments"),
+    ('{"xml_file": "nope.xml"}', ("does not accept these arguments (OSError: File ", "nope.xml does not exist); "
+                                                                                    "fix --env-kwargs")),
 ])
 def test_env_kwargs_that_gym_make_takes_but_the_env_cannot_use(tmp_path, kwargs, says):
     """A string where a number belongs passes gym.make and fails only when the env steps: refused when the run
@@ -597,6 +599,12 @@ def test_collect_flags_that_are_not_finite(run, flags):
     the evaluation episodes had run)."""
     flag_refused(run, lambda: stage("collect", run, "--pairs", "2", *flags),
                  f"argument {flags[0]}: must be a finite number")
+
+
+def test_a_clip_larger_than_mujocos_offscreen_buffer(run):
+    """--clip-size 20000 was mujoco's FatalError traceback after the evaluation episodes had run."""
+    flag_refused(run, lambda: stage("collect", run, "--evaluate", "1", "--clip-size", "20000"),
+                 "argument --clip-size: must be at most 4096, not 20000")
 
 
 def test_a_hold_that_is_not_a_number(run):

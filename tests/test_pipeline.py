@@ -278,6 +278,30 @@ def test_ppo_improves_the_true_return_of_inverted_pendulum(tmp_path, flags):
     assert last > 5 * first and last > 100, (first, last)
 
 
+@pytest.mark.parametrize("env_id", ["Swimmer-v5", "InvertedDoublePendulum-v5"])
+def test_clips_of_an_env_without_a_default_camera(tmp_path, env_id):
+    """Their renderer's default_cam_config is None: clip rendering was a TypeError, at the end of every loop
+    (its final evaluate renders a clip of the agent)."""
+    run = str(tmp_path / "run")
+    result = run_stage("collect.py", "--run", run, "--env", env_id, "--evaluate", "1", "--clip-seconds", "0.5",
+                       "--clip-size", "32", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.getsize(os.path.join(run, C.CLIPS_DIR, "policy_random.mp4")) > 0
+
+
+def test_short_episodes_give_segments_as_long_as_rollouts_do(tmp_path):
+    """A random InvertedPendulum falls within a few steps, so a quarter of its episodes are 8 steps long: collect
+    gave up after 50 rollouts and advised a new run with shorter segments, which were not too long."""
+    run = str(tmp_path / "run")
+    result = run_stage("collect.py", "--run", run, "--env", "InvertedPendulum-v5", "--segment-seconds", "0.32",
+                       "--pairs", "100", "--num-envs", "1", "--no-clips", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(C.read_queries(run)) == 100
+    result = run_stage("collect.py", "--run", str(tmp_path / "long"), "--env", "InvertedPendulum-v5",
+                       "--segment-seconds", "2", "--pairs", "1", "--num-envs", "1", "--no-clips", timeout=120)
+    assert result.returncode == 2 and "are too short to cut 2 segments of 50 steps" in result.stderr, result.stderr
+
+
 def test_evaluate_if_new_policy_skips_only_an_evaluation_already_logged(tmp_path):
     """loop.sh's final evaluate runs again on every re-run; with --if-new-policy it logs a policy once, unless
     more episodes or a clip are asked for than the logged evaluation had."""

@@ -183,6 +183,16 @@ def test_disagreement_selection_puts_the_earlier_segment_on_either_side():
     assert len({tuple(sorted(p)) for p in pairs.tolist()}) == 100  # still each pair once
 
 
+def test_disagreement_selection_asks_no_pair_twice_even_from_few_candidates():
+    """With --candidates-factor 1 the candidates drawn could repeat a pair, and the repeat was asked as well:
+    the same question twice, its answer counted twice in training."""
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        member_returns = rng.normal(size=(3, 6))
+        pairs = collect.select_pairs(6, 3, rng, member_returns, candidates_factor=1)
+        assert pairs.shape == (3, 2) and len({tuple(sorted(p)) for p in pairs.tolist()}) == 3, (seed, pairs)
+
+
 def test_the_first_round_falls_back_to_random_selection_and_says_so(tmp_path, monkeypatch, capsys):
     run = str(tmp_path / "run")
     argv = ["collect.py", "--run", run, "--env", "HalfCheetah-v5", "--pairs", "3", "--num-envs", "1", "--no-clips",

@@ -64,8 +64,11 @@ def test_default_segments_are_the_papers(tmp_path):
     hopper = C.open_run(str(tmp_path / "h"), "Hopper-v5")
     assert hopper["segment_steps"] == 60 and hopper["segment_seconds"] == pytest.approx(0.48)
     assert C.open_run(str(tmp_path / "p"), "InvertedPendulum-v5")["segment_steps"] == 38  # 1.5 s of 0.04 s
-    # Fixed when the run is created: a later stage's default does not change it.
-    assert C.open_run(str(tmp_path / "h"), "Hopper-v5", segment_seconds=1.5)["segment_steps"] == 60
+    # Fixed when the run is created: left out later, the run's own is kept; another one is refused.
+    assert C.open_run(str(tmp_path / "h"), "Hopper-v5")["segment_steps"] == 60
+    assert C.open_run(str(tmp_path / "h"), "Hopper-v5", segment_seconds=0.48)["segment_steps"] == 60
+    with pytest.raises(C.UserError, match="cuts segments of 60 steps, not the 188 of 1.5 s"):
+        C.open_run(str(tmp_path / "h"), "Hopper-v5", segment_seconds=1.5)
 
 
 def test_short_segments_play_slowed_down_to_the_clip_length(tmp_path):

@@ -28,8 +28,9 @@ def make_run(directory, n_labels, n_open):
     """A run with n_labels answered pairs and n_open waiting ones, over 8 tiny clips."""
     import imageio.v2 as imageio
     os.makedirs(os.path.join(directory, C.CLIPS_DIR))
-    C.write_json_atomic(os.path.join(directory, C.CONFIG), {"format_version": C.FORMAT_VERSION,
-                                                            "env_id": "HalfCheetah-v5", "env_kwargs": {}, "seed": 0})
+    C.write_json_atomic(os.path.join(directory, C.CONFIG), {  # as collect.py writes HalfCheetah-v5's
+        "format_version": C.FORMAT_VERSION, "env_id": "HalfCheetah-v5", "env_kwargs": {}, "seed": 0, "dt": 0.05,
+        "segment_seconds": 1.5, "segment_steps": 30, "obs_shape": [17], "act_shape": [6], "nq": 9, "nv": 9})
     frames = np.zeros((30, 128, 128, 3), np.uint8)
     frames[:, 40:80, 40:80] = 200
     imageio.mimwrite(os.path.join(directory, C.CLIPS_DIR, "0.mp4"), frames, fps=20, codec="libx264",

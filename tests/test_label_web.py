@@ -596,3 +596,12 @@ def test_a_label_time_too_large_for_a_float_is_a_malformed_line(run, clock, caps
     assert "line 1 was skipped (time must be a number" in capsys.readouterr().err
     client = label.create_app(run, clock=clock).test_client()
     assert client.get("/api/status?labeler=ann").json["labels"] == 1
+
+
+def test_the_labeler_benchmark_runs():
+    """make bench-labeler builds its own run directory: one that read_config refused (it lacked 'dt') stopped
+    the benchmark before its first request, unnoticed until it was run again."""
+    result = subprocess.run([sys.executable, "bench/bench_labeler.py", "--clients", "2", "--answers", "5",
+                             "--labels", "20"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "10 answers in" in result.stdout and "labels.jsonl now has 30 lines" in result.stdout, result.stdout

@@ -359,6 +359,8 @@ def evaluate(args, config):
                   true_return_std=float(np.std(returns)), clip=clip)
     print(f"evaluate: {name} policy, {len(returns)} episodes, true return {np.mean(returns):.1f} "
           f"+- {np.std(returns):.1f}" + (f", clip {os.path.join(args.run, clip)}" if clip else ""))
+    if os.path.exists(os.path.join(args.run, C.LEARNING_CURVE)):  # (train_policy.py --no-plot leaves none)
+        C.plot_learning_curve(args.run)  # with this evaluation on it
 
 
 def policy_digest(args):

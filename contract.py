@@ -318,6 +318,45 @@ def log_metrics(run_dir, stage, **figures):
 
 # ------------------------------------------------------------------------------------- run and config
 
+def plot_learning_curve(run_dir):
+    """Redraw learning_curve.png from metrics.jsonl: true and learned episode returns against env steps, and the
+    evaluations (train_policy.py draws it after training, collect.py --evaluate redraws one that is there)."""
+    import io
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = read_jsonl(os.path.join(run_dir, METRICS), warn=False)
+    rows = [m for m in metrics if m.get("stage") == "train_policy" and "true_return" in m]
+    if not rows:
+        return None
+    steps = np.array([m["step"] for m in rows])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, colour in (("true_return", "tab:blue"), ("learned_return", "tab:orange")):
+        values = np.array([np.nan if m.get(key) is None else m[key] for m in rows], float)
+        if np.all(np.isnan(values)):
+            continue
+        ax.plot(steps, values, ".", color=colour, alpha=0.25, markersize=3)
+        window = max(1, len(values) // 20)
+        smooth = np.convolve(np.nan_to_num(values), np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, color=colour, label=key.replace("_", " "))
+    evals = [m for m in metrics if m.get("stage") == "evaluate"]
+    if evals:
+        ax.plot([m["policy_step"] for m in evals], [m["true_return_mean"] for m in evals], "k^",
+                label="evaluation (true)")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("episode return")
+    ax.set_title(os.path.basename(os.path.normpath(run_dir)))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(run_dir, LEARNING_CURVE)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
+    plt.close(fig)
+    write_atomic(path, png.getvalue())
+    return path
+
+
 def make_env(env_id, env_kwargs=None, render_size=None):
     """The one environment factory: same env, same kwargs, in every stage. render_size gives an offscreen
     renderer of that many pixels square (MUJOCO_GL=egl, shadows off: they cost ~5x and show nothing).

@@ -15,7 +15,6 @@ it, so loop.sh can alternate it with the reward trainer.
 Reads: config.json, reward_model.pt, policy.pt. Writes: policy.pt, metrics.jsonl, learning_curve.png.
 """
 import argparse
-import io
 import os
 import resource
 import time
@@ -396,43 +395,6 @@ def ppo_update(net, optimizer, batch, args, ent_coef=None):
 
 # ---------------------------------------------------------------------------------------------- main
 
-def plot_learning_curve(run_dir):
-    """Redraw learning_curve.png from metrics.jsonl: true and learned episode returns against env steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    metrics = C.read_jsonl(os.path.join(run_dir, C.METRICS), warn=False)
-    rows = [m for m in metrics if m.get("stage") == "train_policy" and "true_return" in m]
-    if not rows:
-        return None
-    steps = np.array([m["step"] for m in rows])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, colour in (("true_return", "tab:blue"), ("learned_return", "tab:orange")):
-        values = np.array([np.nan if m.get(key) is None else m[key] for m in rows], float)
-        if np.all(np.isnan(values)):
-            continue
-        ax.plot(steps, values, ".", color=colour, alpha=0.25, markersize=3)
-        window = max(1, len(values) // 20)
-        smooth = np.convolve(np.nan_to_num(values), np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, color=colour, label=key.replace("_", " "))
-    evals = [m for m in metrics if m.get("stage") == "evaluate"]
-    if evals:
-        ax.plot([m["policy_step"] for m in evals], [m["true_return_mean"] for m in evals], "k^",
-                label="evaluation (true)")
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel("episode return")
-    ax.set_title(os.path.basename(os.path.normpath(run_dir)))
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(run_dir, C.LEARNING_CURVE)
-    png = io.BytesIO()
-    fig.savefig(png, dpi=100, format="png")
-    plt.close(fig)
-    C.write_atomic(path, png.getvalue())
-    return path
-
-
 def save_checkpoint(path, net, optimizer, obs_rms, return_rms, global_step, args):
     C.save_torch_atomic(path, {
         "model": net.state_dict(), "optimizer": optimizer.state_dict(), "obs_rms": obs_rms.state_dict(),
@@ -547,7 +509,7 @@ def main():
                   **({"worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                                                   1)} if args.overlap else {}))
     if not args.no_plot:
-        plot_learning_curve(args.run)
+        C.plot_learning_curve(args.run)
 
 
 if __name__ == "__main__":

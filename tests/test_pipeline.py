@@ -396,6 +396,9 @@ def test_loop_end_to_end_on_a_tiny_budget(tmp_path):
     assert {e["policy"] for e in evals} == {"random", f"step{C.policy_step(run)}"}
     trained_clip = [e for e in evals if e["policy"] != "random"][-1]["clip"]  # the demo prints this path
     assert os.path.getsize(os.path.join(run, trained_clip)) > 1000
+    # The curve the demo points to was redrawn after the final evaluation, so it shows it (train_policy.py drew
+    # it before that evaluation ran).
+    assert os.path.getmtime(os.path.join(run, C.LEARNING_CURVE)) >= evals[-1]["time"]
 
     # Re-running the finished loop asks and answers nothing more: no label asked or counted twice.
     result = subprocess.run(["bash", "loop.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300,

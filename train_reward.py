@@ -66,6 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--adapt-every", type=int, default=10, help="steps between L2 adaptations")
     p.add_argument("--normalize-rounds", type=int, default=3,
                    help="normalise each member's output over the states of this many latest rounds")
+    p.add_argument("--renormalize-inputs", action="store_true",
+                   help="a warm-started model takes its input normalisation anew from all segments on every refit "
+                        "(its first layer rescaled so that it computes the same reward), instead of keeping the "
+                        "random policy's of the first fit, which later states lie several std away from")
     p.add_argument("--fresh", action="store_true", help="start from a new model instead of the saved one")
     p.add_argument("--if-new-labels", action="store_true",
                    help="do nothing if the saved model was fitted to exactly these labels (loop.sh: once the "
@@ -213,6 +217,19 @@ def adapt_l2(l2, ratio, args):
     return np.clip(l2, *args.l2_range)
 
 
+def renormalize_inputs(model, mean, std):
+    """Give the model input normalisation (mean, std), each (D,), rescaling its first layer so that it computes
+    exactly the function it did: (x - m) / s @ W + b = (x - m') / s' @ W' + b' for W' = diag(s' / s) W and
+    b' = b + ((m' - m) / s) @ W."""
+    import torch
+    with torch.no_grad():
+        w, b = model.weights[0], model.biases[0]  # (K, D, H), (K, 1, H)
+        b += (((mean - model.in_mean) / model.in_std) @ w)[:, None, :]
+        w *= (std / model.in_std)[None, :, None]
+        model.in_mean.copy_(mean)
+        model.in_std.copy_(std)
+
+
 def fit(x, left, right, target, is_val, counts, args, model=None, l2=None, seed=0):
     """Fit the ensemble to labelled pairs.
 
@@ -221,13 +238,15 @@ def fit(x, left, right, target, is_val, counts, args, model=None, l2=None, seed=
     (K,) L2 coefficients, or None for a new one with input normalisation from x. Returns (model, l2 (K,),
     report) where report has the steps taken and the (K,) val/train loss ratio after each adaptation."""
     members = is_val.shape[0]
+    flat = x.reshape(-1, x.shape[-1])
     if model is None:
         model = C.build_reward_ensemble(x.shape[-1], members, args.hidden, args.layers, args.inputs,
                                         args.reward_state)
-        flat = x.reshape(-1, x.shape[-1])
         model.in_mean.copy_(flat.mean(0))
         model.in_std.copy_(flat.std(0).clamp_min(1e-3))
         l2 = None
+    elif args.renormalize_inputs:
+        renormalize_inputs(model, flat.mean(0), flat.std(0).clamp_min(1e-3))
     # Within --l2-range from the start: a warm-started model's coefficients may come from another range.
     l2 = np.clip(np.full(members, args.l2) if l2 is None else np.asarray(l2, np.float64), *args.l2_range)
     optimizer = C.FlatAdam(model, lr=args.lr, eps=1e-8)  # torch.optim.Adam's default eps

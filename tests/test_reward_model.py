@@ -524,3 +524,34 @@ def test_fit_keeps_the_l2_coefficients_within_the_range_it_is_given_from_the_fir
     _, l2, _ = train_reward.fit(x, left, right, target, no_val, counts,
                                 args_for("--steps", "5", "--l2-range", "0.5", "1"), model, [0.3, 0.7, 2.0])
     assert l2.tolist() == [0.5, 0.7, 1.0]
+
+
+def test_renormalizing_the_inputs_leaves_the_reward_as_it_was():
+    """train_reward.py --renormalize-inputs gives a warm-started model the input normalisation of the current
+    segments and rescales its first layer, so that the refit starts from the very function the last fit ended
+    with."""
+    torch.manual_seed(0)
+    model = C.build_reward_ensemble(5, members=3)
+    model.in_mean.copy_(torch.randn(5))
+    model.in_std.copy_(torch.rand(5) + 0.5)
+    x = torch.randn(200, 5) * 3 + 1  # states far from those the normalisation was taken from
+    with torch.no_grad():
+        before = model(x)
+        train_reward.renormalize_inputs(model, x.mean(0), x.std(0))
+        after = model(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(model.in_mean, x.mean(0))
+    torch.testing.assert_close(((x - model.in_mean) / model.in_std).std(0), torch.ones(5))
+
+
+def test_a_refit_takes_the_new_input_normalisation_only_with_the_flag():
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5) * 2 + 3  # 6 segments of 4 steps
+    left, right, target = torch.tensor([0, 2, 4]), torch.tensor([1, 3, 5]), torch.tensor([1.0, 0.0, 1.0])
+    is_val, counts = train_reward.split_labels([0, 1, 2], 3, 0.0, 0)
+    for flags, renormalized in [([], False), (["--renormalize-inputs"], True)]:
+        args = train_reward.parse_args(["--run", "unused", "--steps", "1", *flags])
+        model = C.build_reward_ensemble(5, members=3)  # a saved model, normalised for other states
+        model, _, _ = train_reward.fit(x, left, right, target, is_val, counts, args, model, [0.01] * 3)
+        assert torch.allclose(model.in_mean, x.reshape(-1, 5).mean(0)) == renormalized
+        assert torch.equal(model.in_mean, torch.zeros(5)) != renormalized

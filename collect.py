@@ -333,8 +333,9 @@ class ClipRenderer:
 def evaluate(args, config):
     """Run whole episodes with the current policy (or random actions), log their true return and render
     the start of the first one to clips/policy_step<N>.mp4."""
+    digest = policy_digest(args)
     if args.if_new_policy:
-        done = earlier_evaluation(args)
+        done = earlier_evaluation(args, digest)
         if done is not None:
             print(f"evaluate: {done['policy']} policy was evaluated already ({done['episodes']} episodes, true "
                   f"return {done['true_return_mean']:.1f}); nothing to do")
@@ -354,7 +355,7 @@ def evaluate(args, config):
         clip = os.path.join(C.CLIPS_DIR, f"policy_{name}.mp4")
         renderer.write(os.path.join(args.run, clip), episodes[0]["qpos"][:steps], episodes[0]["qvel"][:steps])
         renderer.close()
-    C.log_metrics(args.run, "evaluate", policy_step=policy_step, policy=name, policy_digest=policy_digest(args),
+    C.log_metrics(args.run, "evaluate", policy_step=policy_step, policy=name, policy_digest=digest,
                   episodes=len(returns), true_return_mean=float(np.mean(returns)),
                   true_return_std=float(np.std(returns)), clip=clip)
     print(f"evaluate: {name} policy, {len(returns)} episodes, true return {np.mean(returns):.1f} "
@@ -373,14 +374,13 @@ def policy_digest(args):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def earlier_evaluation(args):
+def earlier_evaluation(args, digest):
     """The last metrics.jsonl record that evaluated the policy --evaluate would evaluate now (the same
-    policy.pt, byte for byte), with at least as many episodes and, unless --no-clips, a clip still on disk;
-    None if there is none. An evaluation is a pure function of the run's seed and policy, so running it again
-    would log the same figures a second time."""
+    policy.pt, byte for byte: its policy_digest), with at least as many episodes and, unless --no-clips, a clip
+    still on disk; None if there is none. An evaluation is a pure function of the run's seed and policy, so
+    running it again would log the same figures a second time."""
     random_policy = args.random_policy or not os.path.exists(os.path.join(args.run, C.POLICY))
     name = "random" if random_policy else f"step{C.policy_step(args.run)}"
-    digest = policy_digest(args)
     for m in reversed(C.read_jsonl(os.path.join(args.run, C.METRICS), warn=False)):
         if (m.get("stage") == "evaluate" and m.get("policy") == name and m.get("policy_digest") == digest
                 and m.get("episodes", 0) >= args.evaluate

@@ -214,12 +214,12 @@ def wait(args):
     while True:
         queries = C.read_queries(args.run)
         labels = C.read_labels(args.run, queries)
-        labelled = len({label["query_id"] for label in labels})
+        answered = {label["query_id"] for label in labels}
+        labelled = len(answered)
         needed = still_needed(len(queries), labelled, args.fraction)
         if needed == 0:
             break
         # People see only pairs with both clips on disk (Pairs.clip_file's rule): if too few are left, say so.
-        answered = {label["query_id"] for label in labels}
         playable = sum(qid not in answered and all(pairs.clip_file(args.run, q.get(side)) for side in
                                                    ("left_clip", "right_clip")) for qid, q in queries.items())
         if playable < needed:

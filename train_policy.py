@@ -82,18 +82,15 @@ def parse_args(argv=None):
              "--num-envs": args.num_envs >= 1, "--num-steps": args.num_steps >= 1,
              # at least 2 rows each: the advantages of a minibatch are normalised by their std
              "--num-minibatches": 1 <= args.num_minibatches <= args.num_envs * args.num_steps // 2,
-             "--update-epochs": args.update_epochs >= 1, "--lr": args.lr > 0, "--gamma": 0 <= args.gamma <= 1,
-             "--gae-lambda": 0 <= args.gae_lambda <= 1, "--clip-coef": args.clip_coef > 0,
-             "--ent-coef": args.ent_coef >= 0, "--explore-coef": args.explore_coef >= 0,
-             "--vf-coef": args.vf_coef >= 0, "--max-grad-norm": args.max_grad_norm > 0,
-             "--target-kl": args.target_kl is None or args.target_kl > 0, "--hidden": args.hidden >= 1,
+             # (upper bounds: inf trains NaN weights without an error, 1e308 overflows torch's float32)
+             "--update-epochs": args.update_epochs >= 1, "--lr": 0 < args.lr <= 1, "--gamma": 0 <= args.gamma <= 1,
+             "--gae-lambda": 0 <= args.gae_lambda <= 1, "--clip-coef": 0 < args.clip_coef < 1e6,
+             "--ent-coef": 0 <= args.ent_coef < 1e6, "--explore-coef": 0 <= args.explore_coef < 1e6,
+             "--vf-coef": 0 <= args.vf_coef < 1e6, "--max-grad-norm": 0 < args.max_grad_norm < 1e6,
+             "--target-kl": args.target_kl is None or 0 < args.target_kl < 1e6, "--hidden": args.hidden >= 1,
              "--threads": args.threads >= 1, "--save-every": args.save_every >= 1,
              "--snapshot-steps": all(step >= 1 for step in args.snapshot_steps),
              "--init-log-std": -10 <= args.init_log_std <= 2}  # (and not nan)
-    # inf passes the bounds above and trains NaN weights without an error; 1e308 overflows torch's float32
-    for flag in ("--lr", "--clip-coef", "--ent-coef", "--explore-coef", "--vf-coef", "--max-grad-norm", "--target-kl"):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        rules[flag] = rules[flag] and (value is None or (value <= 1.0 if flag == "--lr" else value < 1e6))
     for flag, ok in rules.items():
         if not ok:
             p.error(f"argument {flag}: value out of range (see --help)")

@@ -81,18 +81,14 @@ def parse_args(argv=None):
     rules = {"--members": args.members >= 1, "--hidden": args.hidden >= 1, "--layers": args.layers >= 1,
              "--epochs": 0 < args.epochs < np.inf, "--seed": args.seed is None or args.seed >= 0,
              "--min-steps": args.min_steps >= 1, "--batch-size": args.batch_size >= 1,
-             "--steps": args.steps is None or args.steps >= 1, "--lr": args.lr > 0,
+             # (upper bounds: inf fits a NaN model without an error, 1e308 overflows torch's float32)
+             "--steps": args.steps is None or args.steps >= 1, "--lr": 0 < args.lr <= 1,
              "--random-answer": 0 <= args.random_answer < 1, "--val-fraction": 0 <= args.val_fraction < 1,
-             "--l2": args.l2 >= 0, "--l2-range": 0 <= args.l2_range[0] <= args.l2_range[1],
-             "--l2-factor": args.l2_factor >= 1,
-             "--target-ratio": 0 < args.target_ratio[0] <= args.target_ratio[1],
+             "--l2": 0 <= args.l2 < 1e6, "--l2-range": 0 <= args.l2_range[0] <= args.l2_range[1] < 1e6,
+             "--l2-factor": 1 <= args.l2_factor < 1e6,
+             "--target-ratio": 0 < args.target_ratio[0] <= args.target_ratio[1] < 1e6,
              "--adapt-every": args.adapt_every >= 1, "--normalize-rounds": args.normalize_rounds >= 1,
              "--threads": args.threads >= 1}
-    # inf passes the bounds above and fits a NaN model without an error; 1e308 overflows torch's float32
-    rules["--lr"] &= args.lr <= 1.0
-    for flag, values in {"--l2": [args.l2], "--l2-range": args.l2_range, "--l2-factor": [args.l2_factor],
-                         "--target-ratio": args.target_ratio}.items():
-        rules[flag] &= all(v < 1e6 for v in values)
     for flag, ok in rules.items():
         if not ok:
             p.error(f"argument {flag}: value out of range (see --help)")

@@ -391,14 +391,42 @@ def earlier_evaluation(args, digest):
 
 def main():
     args = parse_args()
+    new_run = C.read_config(args.run) is None
+    there_before = set(os.listdir(args.run)) if os.path.isdir(args.run) else None
     config = C.open_run(args.run, args.env, args.seed, args.segment_seconds, env_kwargs=args.env_kwargs)
-    os.makedirs(os.path.join(args.run, C.CLIPS_DIR), exist_ok=True)
-    os.makedirs(os.path.join(args.run, C.SEGMENTS_DIR), exist_ok=True)
-    if args.evaluate:
-        return evaluate(args, config)
-    # One collect at a time: two would give their rounds, segments and queries the same numbers.
-    with C.exclusive(args.run):
-        collect(args, config)
+    try:
+        os.makedirs(os.path.join(args.run, C.CLIPS_DIR), exist_ok=True)
+        os.makedirs(os.path.join(args.run, C.SEGMENTS_DIR), exist_ok=True)
+        if args.evaluate:
+            return evaluate(args, config)
+        # One collect at a time: two would give their rounds, segments and queries the same numbers.
+        with C.exclusive(args.run):
+            collect(args, config)
+    except BaseException:
+        if new_run:
+            forget_empty_run(args.run, there_before)
+        raise
+
+
+def forget_empty_run(run, there_before):
+    """Remove the config.json (and empty directories) open_run made for a new run whose first collect then
+    failed, e.g. on episodes too short for its segments: left behind, it would refuse the same command with a
+    shorter --segment-seconds. Only while the collect wrote nothing else; what was there before (there_before:
+    the names in the directory, or None if there was none) is not touched."""
+    try:
+        before = there_before or set()
+        subdirs = [os.path.join(run, d) for d in (C.SEGMENTS_DIR, C.CLIPS_DIR)]
+        written = set(os.listdir(run)) - before - {C.CONFIG, C.SEGMENTS_DIR, C.CLIPS_DIR}
+        if written or any(os.listdir(d) for d in subdirs if os.path.isdir(d)):
+            return
+        os.remove(os.path.join(run, C.CONFIG))
+        for d in subdirs:
+            if os.path.isdir(d) and os.path.basename(d) not in before:
+                os.rmdir(d)
+        if there_before is None:
+            os.rmdir(run)
+    except OSError:
+        pass  # what is left stays, as it did before this cleanup: the user can remove it
 
 
 def collect(args, config):

@@ -67,6 +67,9 @@ def cheetah_backwards(segment):
 
 
 BEHAVIOURS = {f.__name__: f for f in (env_reward, reacher_spin_ccw, hopper_backflip, cheetah_backwards)}
+# The env each built-in behaviour reads the state of (gymnasium's id without its version): on another env the
+# same qpos/qvel index is another joint, and the teacher would teach something no one asked for.
+BEHAVIOUR_ENVS = {"reacher_spin_ccw": "Reacher", "hopper_backflip": "Hopper", "cheetah_backwards": "HalfCheetah"}
 
 
 def load_behaviour(name):
@@ -146,6 +149,10 @@ def answer_open_queries(args):
     """The teacher's answers to the queries that have no answer yet: label records, not yet appended."""
     config = C.open_run(args.run, create=False)
     behaviour = load_behaviour(args.behaviour)
+    meant_for = BEHAVIOUR_ENVS.get(args.behaviour)
+    if meant_for and config["env_id"].split("-v")[0] != meant_for:
+        raise C.UserError(f"behaviour {args.behaviour!r} is for {meant_for}, not {config['env_id']}; write one for "
+                          f"this env as module:function")
     queries = C.read_queries(args.run)
     labels = C.read_labels(args.run, queries)
     answered = {label["query_id"] for label in labels}

@@ -576,6 +576,13 @@ def test_a_behaviour_that_gives_no_score_per_step(run, tmp_path, monkeypatch, fu
     refused(run, "teach", "--behaviour", "my_behaviours:judge", says=("behaviour 'my_behaviours:judge' ", says))
 
 
+def test_a_built_in_behaviour_of_another_env(run):
+    """hopper_backflip reads qvel[2] and qpos[1], which on HalfCheetah are other joints: it taught something no one
+    asked for."""
+    refused(run, "teach", "--behaviour", "hopper_backflip", says="behaviour 'hopper_backflip' is for Hopper, not "
+                                                                 "HalfCheetah-v5")
+
+
 @pytest.mark.parametrize("behaviour", [":x", ".x:y"])
 def test_a_behaviour_that_is_not_a_module_path(run, behaviour):
     refused(run, "teach", "--behaviour", behaviour, says=f"cannot load behaviour {behaviour!r}")

@@ -303,6 +303,16 @@ def test_short_episodes_give_segments_as_long_as_rollouts_do(tmp_path):
     result = run_stage("collect.py", "--run", str(tmp_path / "long"), "--env", "InvertedPendulum-v5",
                        "--segment-seconds", "2", "--pairs", "1", "--num-envs", "1", "--no-clips", timeout=120)
     assert result.returncode == 2 and "are too short to cut 2 segments of 50 steps" in result.stderr, result.stderr
+    # The failed first collect leaves no run behind, so the same --run with shorter segments is not refused ...
+    assert not os.path.exists(tmp_path / "long")
+    result = run_stage("collect.py", "--run", str(tmp_path / "long"), "--env", "InvertedPendulum-v5",
+                       "--segment-seconds", "0.32", "--pairs", "1", "--num-envs", "1", "--no-clips", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # ... and a directory that was there before, and what else it holds, stay.
+    os.makedirs(tmp_path / "mine" / "notes")
+    result = run_stage("collect.py", "--run", str(tmp_path / "mine"), "--env", "InvertedPendulum-v5",
+                       "--segment-seconds", "2", "--pairs", "1", "--num-envs", "1", "--no-clips", timeout=120)
+    assert result.returncode == 2 and os.listdir(tmp_path / "mine") == ["notes"]
 
 
 def test_evaluate_if_new_policy_skips_only_an_evaluation_already_logged(tmp_path):

@@ -394,18 +394,18 @@ def main():
     new_run = C.read_config(args.run) is None
     there_before = set(os.listdir(args.run)) if os.path.isdir(args.run) else None
     config = C.open_run(args.run, args.env, args.seed, args.segment_seconds, env_kwargs=args.env_kwargs)
-    try:
-        os.makedirs(os.path.join(args.run, C.CLIPS_DIR), exist_ok=True)
-        os.makedirs(os.path.join(args.run, C.SEGMENTS_DIR), exist_ok=True)
-        if args.evaluate:
-            return evaluate(args, config)
-        # One collect at a time: two would give their rounds, segments and queries the same numbers.
-        with C.exclusive(args.run):
+    os.makedirs(os.path.join(args.run, C.CLIPS_DIR), exist_ok=True)
+    os.makedirs(os.path.join(args.run, C.SEGMENTS_DIR), exist_ok=True)
+    if args.evaluate:
+        return evaluate(args, config)
+    # One collect at a time: two would give their rounds, segments and queries the same numbers.
+    with C.exclusive(args.run):
+        try:
             collect(args, config)
-    except BaseException:
-        if new_run:
-            forget_empty_run(args.run, there_before)
-        raise
+        except BaseException:
+            if new_run:  # (under the lock: one refused by it leaves the run to the collect holding it)
+                forget_empty_run(args.run, there_before)
+            raise
 
 
 def forget_empty_run(run, there_before):

@@ -14,6 +14,8 @@ on the run's round-r model:
   pair_acc   share of all pairs of those segments that the predicted returns order as the true ones do
   step_corr  correlation of the per-step reward (each member normalised over these states, then averaged, as
              the policy is given it) with the true per-step reward
+  spearman_others  (with two or more runs of one env) spearman on the other runs' round r+1 segments pooled: the
+             same states for every run's model, so a lower figure is a worse model, not a policy that went elsewhere
 With --flags "" the fits repeat the run's own models (the L2 coefficients are those of its metrics.jsonl); the
 segments of round r+1 stay those of the run, whatever model is refitted. Prints a table (mean over runs, and each
 variant's paired difference from the first with its standard error); --out writes every row as JSON lines.
@@ -31,7 +33,7 @@ sys.path.insert(0, ROOT)
 import contract as C  # noqa: E402
 import train_reward as TR  # noqa: E402
 
-METRICS = ("spearman", "pair_acc", "step_corr")
+METRICS = ("spearman", "pair_acc", "step_corr")  # spearman_others is added with 2+ runs
 
 
 def parse_args(argv=None):
@@ -49,8 +51,28 @@ def parse_args(argv=None):
     return args
 
 
-def refit(run, rounds, flags):
-    """The rows {round, labels, l2, spearman, pair_acc, step_corr} of one run refitted with train_reward flags."""
+def check_rounds(run, segments, rounds):
+    """One sentence if a run lacks the segments of rounds 0 .. ROUNDS (each round's model is scored on the next)."""
+    if segments is None:
+        raise C.UserError(f"{run} has no segments")
+    if segments["round"].max() < rounds:
+        raise C.UserError(f"{run} has {segments['round'].max() + 1} rounds of segments; --rounds {rounds} needs "
+                          f"{rounds + 1} (each round's model is scored on the next round's segments)")
+
+
+def segment_scores(model, x):
+    """Per-step rewards (n, t) of segments x (n, t, D) as the policy is given them: each member normalised over
+    these states, then the members averaged."""
+    import torch
+    n, t, d = x.shape
+    with torch.no_grad():
+        out = model(x.reshape(n * t, d))  # (K, n * t)
+        return ((out - out.mean(1, keepdim=True)) / out.std(1, keepdim=True)).mean(0).reshape(n, t)
+
+
+def refit(run, rounds, flags, others=()):
+    """The rows {round, labels, l2, spearman, pair_acc, step_corr[, spearman_others]} of one run refitted with
+    train_reward flags; others: the segments (load_segments dicts) of other runs of the same env."""
     import torch
     args = TR.parse_args(["--run", run] + shlex.split(flags))
     torch.set_num_threads(args.threads)
@@ -60,11 +82,9 @@ def refit(run, rounds, flags):
     queries = C.read_queries(run)
     labels = [l for l in C.read_labels(run, queries) if C.preference_target(l["choice"]) is not None]
     segments = C.load_segments(run)
-    if segments is None or not labels:
-        raise C.UserError(f"{run} has no segments or no labels")
-    if segments["round"].max() < rounds:
-        raise C.UserError(f"{run} has {segments['round'].max() + 1} rounds of segments; --rounds {rounds} needs "
-                          f"{rounds + 1} (each round's model is scored on the next round's segments)")
+    if not labels:
+        raise C.UserError(f"{run} has no labels")
+    check_rounds(run, segments, rounds)
     assert (np.diff(segments["round"]) >= 0).all(), "load_segments reads the segments in round order"
     index = {int(s): i for i, s in enumerate(segments["ids"])}
     x = torch.as_tensor(C.segment_reward_input(segments["obs"], segments["acts"], args.inputs, args.reward_state,
@@ -78,11 +98,8 @@ def refit(run, rounds, flags):
         model, l2, _ = TR.fit(x[:known], left, right, target, is_val, counts, args, model, l2, seed)
 
         following = np.flatnonzero(segments["round"] == r + 1)
-        scored = x[following]  # (n, t, D)
-        n, t, d = scored.shape
-        with torch.no_grad():
-            out = model(scored.reshape(n * t, d))  # (K, n * t)
-            step_reward = ((out - out.mean(1, keepdim=True)) / out.std(1, keepdim=True)).mean(0).reshape(n, t)
+        step_reward = segment_scores(model, x[following])  # (n, t)
+        n, t = step_reward.shape
         true = segments["rewards"][following]  # (n, T)
         if true.shape[1] != t:  # a model of the state after sees T-1 steps of each segment
             true = true[:, :t]
@@ -92,6 +109,16 @@ def refit(run, rounds, flags):
                      "spearman": TR.rank_correlation(predicted, actual),
                      "pair_acc": float(np.mean((predicted[i] > predicted[j]) == (actual[i] > actual[j]))),
                      "step_corr": float(np.corrcoef(step_reward.numpy().ravel(), true.ravel())[0, 1])})
+        if others:
+            inputs, returns = [], []
+            for other in others:
+                at = other["round"] == r + 1
+                next_obs = other.get("next_obs")
+                inputs.append(C.segment_reward_input(other["obs"][at], other["acts"][at], args.inputs,
+                                                     args.reward_state, None if next_obs is None else next_obs[at]))
+                returns.append(other["rewards"][at][:, :t].sum(1))
+            scores = segment_scores(model, torch.as_tensor(np.concatenate(inputs))).sum(1).numpy()
+            rows[-1]["spearman_others"] = TR.rank_correlation(scores, np.concatenate(returns))
     return rows
 
 
@@ -99,9 +126,18 @@ def main():
     args = parse_args()
     results = {}  # (flags, run) -> rows
     out = open(args.out, "a") if args.out else None
+    segments = {run: C.load_segments(run) for run in args.runs} if len(args.runs) > 1 else {}
+    for run, seg in segments.items():
+        check_rounds(run, seg, args.rounds)
+    shapes = {run: seg["obs"].shape[2:] + seg["acts"].shape[2:] for run, seg in segments.items()}
+    if len(set(shapes.values())) > 1:
+        raise C.UserError("--runs must all be runs of one env (spearman_others scores each run's model "
+                          f"on the others' states); observation and action sizes: {shapes}")
+    metrics = METRICS + ("spearman_others",) * bool(segments)
     for run in args.runs:
+        others = [segments[o] for o in args.runs if o != run]
         for flags in args.flags:
-            rows = refit(run, args.rounds, flags)
+            rows = refit(run, args.rounds, flags, others)
             results[flags, run] = rows
             if out:
                 for row in rows:
@@ -110,12 +146,12 @@ def main():
                   flush=True)
     print(f"\nmean over {len(args.runs)} runs; for each variant after the first, its paired difference from the "
           "first (± standard error)")
-    print("| train_reward flags | round | " + " | ".join(METRICS) + " |")
-    print("|---|---|" + "---|" * len(METRICS))
+    print("| train_reward flags | round | " + " | ".join(metrics) + " |")
+    print("|---|---|" + "---|" * len(metrics))
     for flags in args.flags:
         for r in range(args.rounds):
             cells = []
-            for metric in METRICS:
+            for metric in metrics:
                 values = np.array([results[flags, run][r][metric] for run in args.runs])
                 cell = f"{values.mean():.3f}"
                 if flags != args.flags[0]:

@@ -284,6 +284,18 @@ def test_refit_rounds_repeats_the_runs_own_models_and_scores_a_variant_on_the_ne
     too_many = refit("--rounds", "2")
     assert too_many.returncode != 0 and "has 2 rounds of segments; --rounds 2 needs 3" in too_many.stderr
 
+    # with a second run, each model is also scored on the other run's next-round states: here a copy of the run,
+    # so the other run's states are the run's own and spearman_others repeats spearman
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run, copy)
+    two = subprocess.run([sys.executable, "bench/refit_rounds.py", "--runs", run, copy, "--rounds", "1",
+                          "--flags", own, "--out", str(tmp_path / "two.jsonl")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "two.jsonl")]
+    assert len(rows) == 2 and all(r["spearman_others"] == pytest.approx(r["spearman"]) for r in rows)
+    assert "| spearman_others |" in two.stdout
+
 
 def test_step_reward_fit_finds_which_input_tells_each_step_s_reward():
     """bench/step_reward_fit.py: a reward of where each step led, drawn apart from where it started, is

@@ -70,9 +70,10 @@ def segment_scores(model, x):
         return ((out - out.mean(1, keepdim=True)) / out.std(1, keepdim=True)).mean(0).reshape(n, t)
 
 
-def refit(run, rounds, flags, others=()):
+def refit(run, rounds, flags, segments, others=()):
     """The rows {round, labels, l2, spearman, pair_acc, step_corr[, spearman_others]} of one run refitted with
-    train_reward flags; others: the segments (load_segments dicts) of other runs of the same env."""
+    train_reward flags; segments: the run's (a load_segments dict, checked by check_rounds), others: those of other
+    runs of the same env."""
     import torch
     args = TR.parse_args(["--run", run] + shlex.split(flags))
     torch.set_num_threads(args.threads)
@@ -81,10 +82,8 @@ def refit(run, rounds, flags, others=()):
     torch.manual_seed(seed)  # as train_reward.py's main: the same initial weights
     queries = C.read_queries(run)
     labels = [l for l in C.read_labels(run, queries) if C.preference_target(l["choice"]) is not None]
-    segments = C.load_segments(run)
     if not labels:
         raise C.UserError(f"{run} has no labels")
-    check_rounds(run, segments, rounds)
     assert (np.diff(segments["round"]) >= 0).all(), "load_segments reads the segments in round order"
     index = {int(s): i for i, s in enumerate(segments["ids"])}
     x = torch.as_tensor(C.segment_reward_input(segments["obs"], segments["acts"], args.inputs, args.reward_state,
@@ -126,18 +125,20 @@ def main():
     args = parse_args()
     results = {}  # (flags, run) -> rows
     out = open(args.out, "a") if args.out else None
-    segments = {run: C.load_segments(run) for run in args.runs} if len(args.runs) > 1 else {}
+    for run in args.runs:
+        C.open_run(run, create=False)  # one sentence if it is not a run directory
+    segments = {run: C.load_segments(run) for run in args.runs}  # read once, whatever the variants
     for run, seg in segments.items():
         check_rounds(run, seg, args.rounds)
     shapes = {run: seg["obs"].shape[2:] + seg["acts"].shape[2:] for run, seg in segments.items()}
     if len(set(shapes.values())) > 1:
         raise C.UserError("--runs must all be runs of one env (spearman_others scores each run's model "
                           f"on the others' states); observation and action sizes: {shapes}")
-    metrics = METRICS + ("spearman_others",) * bool(segments)
+    metrics = METRICS + ("spearman_others",) * (len(segments) > 1)
     for run in args.runs:
         others = [segments[o] for o in args.runs if o != run]
         for flags in args.flags:
-            rows = refit(run, args.rounds, flags, others)
+            rows = refit(run, args.rounds, flags, segments[run], others)
             results[flags, run] = rows
             if out:
                 for row in rows:

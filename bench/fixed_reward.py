@@ -10,7 +10,14 @@ leads PPO from scratch elsewhere is a poorly shaped reward, not merely a late on
     python bench/fixed_reward.py --out bench/out/fixed-final --runs bench/out/entanneal/HalfCheetah-v5-700labels-s*
     python bench/fixed_reward.py --out bench/out/refit-obs+act --refit "--inputs obs+act" --runs ...
 
-Resumable: each result lives in <out>/<name of the run> and is marked done by done.json; a re-run does only
+Any run directory with a reward_model.pt will do, e.g. one that stopped after its first train_reward.py: with
+--policy-seeds, several PPOs of other seeds train on each run's model, and the table says how much of the
+spread of their returns is the model's and how much PPO's seed (is an early trap in the reward or in the policy?):
+
+    python bench/fixed_reward.py --out bench/out/first-model --steps 100000 --anneal-steps 500000 \
+        --policy-seeds 100 101 102 --runs bench/out/round0/Hopper-v5-700labels-s*
+
+Resumable: each result lives in <out>/<name of the run>[-ppo<seed>] and is marked done by done.json; a re-run does only
 what is missing, and refuses an --out made with other --refit flags or another budget. Prints a markdown
 table (and writes it to <out>/fixed_reward.md): per run, the loop's own final true return (from its done.json,
 if bench_paper.py made it) and that of PPO on the fixed model.
@@ -40,6 +47,12 @@ def parse_args():
                    help='fit a fresh model to the run\'s labels with these train_reward.py flags ("" for its '
                         "defaults) instead of taking the run's own reward_model.pt")
     p.add_argument("--steps", type=int, default=500_000, help="PPO steps from scratch")
+    p.add_argument("--anneal-steps", type=int, default=None,
+                   help="the learning rate and bonus decay as in a run this long (default: --steps); e.g. the "
+                        "first 100k steps of a 500k-step loop: --steps 100000 --anneal-steps 500000")
+    p.add_argument("--policy-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="train one PPO per seed on each run's model (default: one, with the run's own seed), to "
+                        "tell what the model decides from what PPO's seed does")
     p.add_argument("--ent-coef", type=float, default=0.01, help="entropy bonus (bench_paper.py's)")
     p.add_argument("--ent-anneal", action=argparse.BooleanOptionalAction, default=True,
                    help="the bonus decays to 0 with the learning rate (bench_paper.py's default)")
@@ -48,12 +61,14 @@ def parse_args():
     return p.parse_args()
 
 
-def run_one(args, source):
-    """Train and evaluate PPO on source's (or a refitted) fixed reward model; returns the done.json record."""
+def run_one(args, source, policy_seed):
+    """Train and evaluate PPO (of seed policy_seed; None: the run's own) on source's (or a refitted) fixed reward
+    model; returns the done.json record."""
     name = os.path.basename(os.path.normpath(source))
-    run = os.path.join(args.out, name)
+    run = os.path.join(args.out, name + ("" if policy_seed is None else f"-ppo{policy_seed}"))
     settings = {"source": os.path.abspath(source), "refit": args.refit, "steps": args.steps,
-                "ent_coef": args.ent_coef, "ent_anneal": args.ent_anneal}
+                "anneal_steps": args.anneal_steps, "ent_coef": args.ent_coef, "ent_anneal": args.ent_anneal,
+                "policy_seed": policy_seed}
     done = os.path.join(run, "done.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -68,10 +83,14 @@ def run_one(args, source):
     for f in files:
         (shutil.copytree if os.path.isdir(os.path.join(source, f)) else shutil.copy)(
             os.path.join(source, f), os.path.join(run, f))
+    if policy_seed is not None:  # train_policy.py seeds the network, its actions and its envs from the run's seed
+        config = C.read_config(run)
+        C.write_json_atomic(os.path.join(run, C.CONFIG), {**config, "seed": policy_seed})
     python, started = sys.executable, time.time()
     commands = ([[python, "train_reward.py", "--run", run, "--fresh", *args.refit.split()]]
                 if args.refit is not None else [])
     commands += [[python, "train_policy.py", "--run", run, "--reward", "learned", "--total-steps", str(args.steps),
+                  *(["--anneal-steps", str(args.anneal_steps)] if args.anneal_steps is not None else []),
                   "--ent-coef", str(args.ent_coef), *(["--ent-anneal"] if args.ent_anneal else []), "--no-plot"],
                  [python, "collect.py", "--run", run, "--evaluate", str(args.eval_episodes), "--no-clips"]]
     env = {"MUJOCO_GL": "egl", **os.environ, "OMP_NUM_THREADS": "1"}
@@ -94,6 +113,16 @@ def run_one(args, source):
     return record
 
 
+def model_and_seed_variance(returns):
+    """The variance of returns[i, j] (run i's model, policy seed j; shape (runs, seeds)) split into that of the
+    models' true means and that of PPO's seeds around them (one-way random-effects ANOVA; the model's part is
+    clipped at 0). Returns (between-model variance, within-model variance)."""
+    runs, seeds = returns.shape
+    within = returns.var(axis=1, ddof=1).mean()  # mean square within
+    between = max(0.0, (seeds * returns.mean(axis=1).var(ddof=1) - within) / seeds)
+    return float(between), float(within)
+
+
 def main():
     args = parse_args()
     needed = C.LABELS if args.refit is not None else C.REWARD_MODEL
@@ -101,19 +130,36 @@ def main():
     if missing:
         raise SystemExit(f"fixed_reward: {missing[0]} has no {needed}")
     os.makedirs(args.out, exist_ok=True)
+    jobs = [(r, seed) for r in args.runs for seed in (args.policy_seeds or [None])]
     with ThreadPoolExecutor(args.jobs) as pool:
-        records = list(pool.map(lambda r: run_one(args, r), args.runs))
+        records = list(pool.map(lambda job: run_one(args, *job), jobs))
     source = "fitted afresh with train_reward.py --fresh " + (args.refit or "(defaults)") if args.refit is not None \
         else "the run's own final model"
+    anneal = "" if args.anneal_steps is None else f", decaying as in a run of {args.anneal_steps:,} steps"
     lines = [f"PPO from scratch for {args.steps:,} steps on a fixed reward model ({source}), entropy bonus "
-             f"{args.ent_coef:g}{' decaying' if args.ent_anneal else ''}; true return = mean of "
-             f"{args.eval_episodes} evaluation episodes of the final policy.", "",
-             "| run | the loop | PPO on the fixed model |", "|---|---|---|"]
-    lines += [f"| {r['name']} | {'' if r['loop_true_return'] is None else round(r['loop_true_return'])} | "
-              f"{r['eval_true_return']:.0f} |" for r in records]
+             f"{args.ent_coef:g}{' decaying' if args.ent_anneal else ''}{anneal}; true return = mean of "
+             f"{args.eval_episodes} evaluation episodes of the final policy.", ""]
     loops = [r["loop_true_return"] for r in records if r["loop_true_return"] is not None]
     loop_mean = f"{np.mean(loops):.0f}" if len(loops) == len(records) else ""  # (only over the same runs)
-    lines.append(f"| mean | {loop_mean} | {np.mean([r['eval_true_return'] for r in records]):.0f} |")
+    if args.policy_seeds is None:
+        lines += ["| run | the loop | PPO on the fixed model |", "|---|---|---|"]
+        lines += [f"| {r['name']} | {'' if r['loop_true_return'] is None else round(r['loop_true_return'])} | "
+                  f"{r['eval_true_return']:.0f} |" for r in records]
+        lines.append(f"| mean | {loop_mean} | {np.mean([r['eval_true_return'] for r in records]):.0f} |")
+    else:
+        # returns[i, j]: PPO of policy seed j on run i's model
+        returns = np.array([r["eval_true_return"] for r in records]).reshape(len(args.runs), len(args.policy_seeds))
+        seeds = ", ".join(map(str, args.policy_seeds))
+        lines += [f"| run | the loop | PPO on the fixed model, policy seeds {seeds} | mean |", "|---|---|---|---|"]
+        for i, r in enumerate(records[::len(args.policy_seeds)]):
+            lines.append(f"| {r['name']} | {'' if r['loop_true_return'] is None else round(r['loop_true_return'])} "
+                         f"| {', '.join(f'{x:.0f}' for x in returns[i])} | {returns[i].mean():.0f} |")
+        lines.append(f"| mean | {loop_mean} | | {returns.mean():.0f} |")
+        if returns.shape[0] > 1 and returns.shape[1] > 1:
+            between, within = model_and_seed_variance(returns)
+            lines += ["", f"Between the models: sd {np.sqrt(between):.0f}; between PPO seeds on one model: sd "
+                          f"{np.sqrt(within):.0f}; share of the variance that is the model's: "
+                          f"{between / (between + within):.2f} (one-way random-effects ANOVA)."]
     table = "\n".join(lines) + "\n"
     C.write_atomic(os.path.join(args.out, "fixed_reward.md"), table.encode())
     print(table)

@@ -195,6 +195,31 @@ def test_bench_paper_resumes_and_reports(tmp_path):
     assert json.load(open(os.path.join(refit_run, "done.json")))["refit"] == "--layers 1 --steps 30"
     assert "fitted afresh with train_reward.py --fresh --layers 1 --steps 30" in open(
         os.path.join(refit_out, "fixed_reward.md")).read()
+    # with --policy-seeds, PPOs of those seeds train on the same model, on the schedule of a longer run
+    seeds_out = str(tmp_path / "seeds")
+    seeded = fixed(seeds_out, "--policy-seeds", "5", "6", "--anneal-steps", "4096")
+    assert seeded.returncode == 0, seeded.stdout[-2000:] + seeded.stderr[-2000:]
+    for seed in (5, 6):
+        seed_run = os.path.join(seeds_out, f"HalfCheetah-v5-6labels-s0-ppo{seed}")
+        assert json.load(open(os.path.join(seed_run, "config.json")))["seed"] == seed
+        assert json.load(open(os.path.join(seed_run, "done.json")))["policy_seed"] == seed
+        assert "--total-steps 2048 --anneal-steps 4096 --ent-coef" in open(seed_run + ".log").read()
+        with open(os.path.join(labelled, "reward_model.pt"), "rb") as a, \
+                open(os.path.join(seed_run, "reward_model.pt"), "rb") as b:
+            assert a.read() == b.read()
+    assert json.load(open(os.path.join(labelled, "config.json")))["seed"] == 0  # the source is untouched
+    assert "| HalfCheetah-v5-6labels-s0 | " in open(os.path.join(seeds_out, "fixed_reward.md")).read()
+    assert "policy seeds 5, 6" in seeded.stdout and "decaying as in a run of 4,096 steps" in seeded.stdout
+
+
+def test_fixed_reward_splits_the_variance_of_returns_into_the_models_and_ppo_seeds():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from fixed_reward import model_and_seed_variance
+    # two models, two seeds each: within-model variances 2 and 2; model means 2 and 6 (variance 8), of which
+    # 2 / 2 = 1 is the seeds' noise in a mean of two, so 7 is the models'
+    assert model_and_seed_variance(np.array([[1.0, 3.0], [5.0, 7.0]])) == (7.0, 2.0)
+    # models that do not differ beyond the seeds' noise get none (not a negative variance)
+    assert model_and_seed_variance(np.array([[1.0, 5.0], [5.0, 1.0]])) == (0.0, 8.0)
 
 
 def test_upside_down_is_a_torso_pitch_beyond_90_degrees_either_way_after_any_number_of_turns():

@@ -56,6 +56,8 @@ def parse_args():
     p.add_argument("--ent-coef", type=float, default=0.01, help="entropy bonus (bench_paper.py's)")
     p.add_argument("--ent-anneal", action=argparse.BooleanOptionalAction, default=True,
                    help="the bonus decays to 0 with the learning rate (bench_paper.py's default)")
+    p.add_argument("--policy-flags", default="", metavar="FLAGS",
+                   help='more train_policy.py flags, quoted, e.g. "--init-log-std 0.5"')
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one core each)")
     return p.parse_args()
@@ -68,7 +70,7 @@ def run_one(args, source, policy_seed):
     run = os.path.join(args.out, name + ("" if policy_seed is None else f"-ppo{policy_seed}"))
     settings = {"source": os.path.abspath(source), "refit": args.refit, "steps": args.steps,
                 "anneal_steps": args.anneal_steps, "ent_coef": args.ent_coef, "ent_anneal": args.ent_anneal,
-                "policy_seed": policy_seed}
+                "policy_seed": policy_seed, "policy_flags": args.policy_flags}
     done = os.path.join(run, "done.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -91,7 +93,8 @@ def run_one(args, source, policy_seed):
                 if args.refit is not None else [])
     commands += [[python, "train_policy.py", "--run", run, "--reward", "learned", "--total-steps", str(args.steps),
                   *(["--anneal-steps", str(args.anneal_steps)] if args.anneal_steps is not None else []),
-                  "--ent-coef", str(args.ent_coef), *(["--ent-anneal"] if args.ent_anneal else []), "--no-plot"],
+                  "--ent-coef", str(args.ent_coef), *(["--ent-anneal"] if args.ent_anneal else []), "--no-plot",
+                  *args.policy_flags.split()],
                  [python, "collect.py", "--run", run, "--evaluate", str(args.eval_episodes), "--no-clips"]]
     env = {"MUJOCO_GL": "egl", **os.environ, "OMP_NUM_THREADS": "1"}
     with open(run + ".log", "a") as log:
@@ -136,8 +139,9 @@ def main():
     source = "fitted afresh with train_reward.py --fresh " + (args.refit or "(defaults)") if args.refit is not None \
         else "the run's own final model"
     anneal = "" if args.anneal_steps is None else f", decaying as in a run of {args.anneal_steps:,} steps"
+    flags = f", train_policy.py {args.policy_flags}" if args.policy_flags else ""
     lines = [f"PPO from scratch for {args.steps:,} steps on a fixed reward model ({source}), entropy bonus "
-             f"{args.ent_coef:g}{' decaying' if args.ent_anneal else ''}{anneal}; true return = mean of "
+             f"{args.ent_coef:g}{' decaying' if args.ent_anneal else ''}{anneal}{flags}; true return = mean of "
              f"{args.eval_episodes} evaluation episodes of the final policy.", ""]
     loops = [r["loop_true_return"] for r in records if r["loop_true_return"] is not None]
     loop_mean = f"{np.mean(loops):.0f}" if len(loops) == len(records) else ""  # (only over the same runs)

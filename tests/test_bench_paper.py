@@ -197,19 +197,21 @@ def test_bench_paper_resumes_and_reports(tmp_path):
         os.path.join(refit_out, "fixed_reward.md")).read()
     # with --policy-seeds, PPOs of those seeds train on the same model, on the schedule of a longer run
     seeds_out = str(tmp_path / "seeds")
-    seeded = fixed(seeds_out, "--policy-seeds", "5", "6", "--anneal-steps", "4096")
+    seeded = fixed(seeds_out, "--policy-seeds", "5", "6", "--anneal-steps", "4096", "--policy-flags",
+                   "--init-log-std -0.5")
     assert seeded.returncode == 0, seeded.stdout[-2000:] + seeded.stderr[-2000:]
     for seed in (5, 6):
         seed_run = os.path.join(seeds_out, f"HalfCheetah-v5-6labels-s0-ppo{seed}")
         assert json.load(open(os.path.join(seed_run, "config.json")))["seed"] == seed
         assert json.load(open(os.path.join(seed_run, "done.json")))["policy_seed"] == seed
-        assert "--total-steps 2048 --anneal-steps 4096 --ent-coef" in open(seed_run + ".log").read()
+        assert "--total-steps 2048 --anneal-steps 4096 --ent-coef 0.01 --ent-anneal --no-plot --init-log-std -0.5" \
+            in open(seed_run + ".log").read()
         with open(os.path.join(labelled, "reward_model.pt"), "rb") as a, \
                 open(os.path.join(seed_run, "reward_model.pt"), "rb") as b:
             assert a.read() == b.read()
     assert json.load(open(os.path.join(labelled, "config.json")))["seed"] == 0  # the source is untouched
     assert "| HalfCheetah-v5-6labels-s0 | " in open(os.path.join(seeds_out, "fixed_reward.md")).read()
-    assert "policy seeds 5, 6" in seeded.stdout and "decaying as in a run of 4,096 steps" in seeded.stdout
+    assert "policy seeds 5, 6" in seeded.stdout and "decaying as in a run of 4,096 steps, train_policy.py --init-log-std -0.5" in seeded.stdout
 
 
 def test_fixed_reward_splits_the_variance_of_returns_into_the_models_and_ppo_seeds():

@@ -17,8 +17,8 @@ spread of their returns is the model's and how much PPO's seed (is an early trap
     python bench/fixed_reward.py --out bench/out/first-model --steps 100000 --anneal-steps 500000 \
         --policy-seeds 100 101 102 --runs bench/out/round0/Hopper-v5-700labels-s*
 
-Resumable: each result lives in <out>/<name of the run>[-ppo<seed>] and is marked done by done.json; a re-run does only
-what is missing, and refuses an --out made with other --refit flags or another budget. Prints a markdown
+Resumable: each result lives in <out>/<name of the run>[-ppo<seed>] and is marked done by done.json; a re-run
+does only what is missing, and refuses an --out made with other --refit flags or another budget. Prints a markdown
 table (and writes it to <out>/fixed_reward.md): per run, the loop's own final true return (from its done.json,
 if bench_paper.py made it) and that of PPO on the fixed model.
 """
@@ -60,7 +60,13 @@ def parse_args():
                    help='more train_policy.py flags, quoted, e.g. "--init-log-std 0.5"')
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once (one core each)")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.policy_seeds is not None and (min(args.policy_seeds) < 0
+                                          or len(set(args.policy_seeds)) < len(args.policy_seeds)):
+        p.error("argument --policy-seeds: seeds must be distinct whole numbers of at least 0")
+    if args.anneal_steps is not None and args.anneal_steps < args.steps:
+        p.error("argument --anneal-steps: must be at least --steps (the decay of a run at least this long)")
+    return args
 
 
 def run_one(args, source, policy_seed):
@@ -70,7 +76,7 @@ def run_one(args, source, policy_seed):
     run = os.path.join(args.out, name + ("" if policy_seed is None else f"-ppo{policy_seed}"))
     settings = {"source": os.path.abspath(source), "refit": args.refit, "steps": args.steps,
                 "anneal_steps": args.anneal_steps, "ent_coef": args.ent_coef, "ent_anneal": args.ent_anneal,
-                "policy_seed": policy_seed, "policy_flags": args.policy_flags}
+                "policy_seed": policy_seed, "policy_flags": args.policy_flags or None}  # (None: as before the flag)
     done = os.path.join(run, "done.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -120,7 +126,7 @@ def model_and_seed_variance(returns):
     """The variance of returns[i, j] (run i's model, policy seed j; shape (runs, seeds)) split into that of the
     models' true means and that of PPO's seeds around them (one-way random-effects ANOVA; the model's part is
     clipped at 0). Returns (between-model variance, within-model variance)."""
-    runs, seeds = returns.shape
+    seeds = returns.shape[1]
     within = returns.var(axis=1, ddof=1).mean()  # mean square within
     between = max(0.0, (seeds * returns.mean(axis=1).var(ddof=1) - within) / seeds)
     return float(between), float(within)

@@ -211,7 +211,12 @@ def test_bench_paper_resumes_and_reports(tmp_path):
             assert a.read() == b.read()
     assert json.load(open(os.path.join(labelled, "config.json")))["seed"] == 0  # the source is untouched
     assert "| HalfCheetah-v5-6labels-s0 | " in open(os.path.join(seeds_out, "fixed_reward.md")).read()
-    assert "policy seeds 5, 6" in seeded.stdout and "decaying as in a run of 4,096 steps, train_policy.py --init-log-std -0.5" in seeded.stdout
+    assert "policy seeds 5, 6" in seeded.stdout
+    assert "decaying as in a run of 4,096 steps, train_policy.py --init-log-std -0.5" in seeded.stdout
+    for flags, says in ((["--policy-seeds", "3", "3"], "seeds must be distinct"),
+                        (["--anneal-steps", "1024"], "must be at least --steps")):
+        refused = fixed(str(tmp_path / "refused"), *flags)
+        assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_fixed_reward_splits_the_variance_of_returns_into_the_models_and_ppo_seeds():

@@ -132,6 +132,11 @@ def model_and_seed_variance(returns):
     return float(between), float(within)
 
 
+def loop_cell(record):
+    """The loop's own final true return for the table, or nothing when the run was not made by bench_paper.py."""
+    return "" if record["loop_true_return"] is None else round(record["loop_true_return"])
+
+
 def main():
     args = parse_args()
     needed = C.LABELS if args.refit is not None else C.REWARD_MODEL
@@ -153,8 +158,7 @@ def main():
     loop_mean = f"{np.mean(loops):.0f}" if len(loops) == len(records) else ""  # (only over the same runs)
     if args.policy_seeds is None:
         lines += ["| run | the loop | PPO on the fixed model |", "|---|---|---|"]
-        lines += [f"| {r['name']} | {'' if r['loop_true_return'] is None else round(r['loop_true_return'])} | "
-                  f"{r['eval_true_return']:.0f} |" for r in records]
+        lines += [f"| {r['name']} | {loop_cell(r)} | {r['eval_true_return']:.0f} |" for r in records]
         lines.append(f"| mean | {loop_mean} | {np.mean([r['eval_true_return'] for r in records]):.0f} |")
     else:
         # returns[i, j]: PPO of policy seed j on run i's model
@@ -162,11 +166,11 @@ def main():
         seeds = ", ".join(map(str, args.policy_seeds))
         lines += [f"| run | the loop | PPO on the fixed model, policy seeds {seeds} | mean |", "|---|---|---|---|"]
         for i, r in enumerate(records[::len(args.policy_seeds)]):
-            lines.append(f"| {r['name']} | {'' if r['loop_true_return'] is None else round(r['loop_true_return'])} "
-                         f"| {', '.join(f'{x:.0f}' for x in returns[i])} | {returns[i].mean():.0f} |")
+            lines.append(f"| {r['name']} | {loop_cell(r)} | {', '.join(f'{x:.0f}' for x in returns[i])} | "
+                         f"{returns[i].mean():.0f} |")
         lines.append(f"| mean | {loop_mean} | | {returns.mean():.0f} |")
-        if returns.shape[0] > 1 and returns.shape[1] > 1:
-            between, within = model_and_seed_variance(returns)
+        between, within = model_and_seed_variance(returns) if min(returns.shape) > 1 else (0.0, 0.0)
+        if between + within > 0:  # (none with one run or one seed, or returns all equal)
             lines += ["", f"Between the models: sd {np.sqrt(between):.0f}; between PPO seeds on one model: sd "
                           f"{np.sqrt(within):.0f}; share of the variance that is the model's: "
                           f"{between / (between + within):.2f} (one-way random-effects ANOVA)."]

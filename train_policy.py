@@ -57,7 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--explore-coef", type=float, default=0.0,
                    help="learned reward only: add this times the reward ensemble's disagreement (std of its "
                         "members' normalised rewards), decaying to 0 with the learning rate, so that the agent "
-                        "visits what the model is unsure of and the next labels are asked there (RUNE)")
+                        "visits what the model is unsure of and the next labels are asked there (RUNE); "
+                        "negative: a penalty instead, so that the agent keeps away from states the model has "
+                        "seen too rarely to agree on (a conservative reward)")
     p.add_argument("--reward-state", choices=C.REWARD_STATES, default=None,
                    help="which observation a model of the observation alone rewards a step for: the one the "
                         "step started from, or the one its action led to (BENCHMARKS.md, 'Which state a step's "
@@ -85,7 +87,7 @@ def parse_args(argv=None):
              # (upper bounds: inf trains NaN weights without an error, 1e308 overflows torch's float32)
              "--update-epochs": args.update_epochs >= 1, "--lr": 0 < args.lr <= 1, "--gamma": 0 <= args.gamma <= 1,
              "--gae-lambda": 0 <= args.gae_lambda <= 1, "--clip-coef": 0 < args.clip_coef < 1e6,
-             "--ent-coef": 0 <= args.ent_coef < 1e6, "--explore-coef": 0 <= args.explore_coef < 1e6,
+             "--ent-coef": 0 <= args.ent_coef < 1e6, "--explore-coef": abs(args.explore_coef) < 1e6,
              "--vf-coef": 0 <= args.vf_coef < 1e6, "--max-grad-norm": 0 < args.max_grad_norm < 1e6,
              "--target-kl": args.target_kl is None or 0 < args.target_kl < 1e6, "--hidden": args.hidden >= 1,
              "--threads": args.threads >= 1, "--save-every": args.save_every >= 1,
@@ -131,7 +133,9 @@ def exploration_coef(step, args):
     """The weight of the reward ensemble's disagreement in the reward at policy step `step`: --explore-coef,
     decaying as the learning rate does (linearly to 0 at --anneal-steps, default --total-steps; constant if
     that is 0). Early models are unsure of much, and the bonus pays the agent to show them; the final agent
-    should maximise the reward alone."""
+    should maximise the reward alone. A negative weight penalises the disagreement instead: an early model's
+    reward for states it saw rarely is a guess its members disagree on, and the penalty keeps the agent from
+    chasing it before labels have checked it."""
     anneal_steps = args.total_steps if args.anneal_steps is None else args.anneal_steps
     return learning_rate(step, args.explore_coef, anneal_steps)
 

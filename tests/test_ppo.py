@@ -401,7 +401,8 @@ def test_a_failing_rollout_worker_is_reported_not_waited_for(tmp_path, monkeypat
 
 def test_exploration_bonus_is_the_ensembles_disagreement_decaying_with_the_learning_rate(tmp_path, monkeypatch):
     """--explore-coef adds c * (std of the members' normalised rewards) to the learned reward the policy is
-    trained on, c decaying with the learning rate; the learned return reported stays the model's alone."""
+    trained on, c decaying with the learning rate (a negative c subtracts it); the learned return reported
+    stays the model's alone."""
     args = train_policy.parse_args(["--run", "unused", "--explore-coef", "0.5", "--total-steps", "1000"])
     for step, expected in [(0, 0.5), (250, 0.375), (1000, 0.0), (1500, 0.0)]:
         assert math.isclose(train_policy.exploration_coef(step, args), expected), step
@@ -445,6 +446,10 @@ def test_exploration_bonus_is_the_ensembles_disagreement_decaying_with_the_learn
     bonus = (explored["rew"] - plain["rew"])[:-1][not_ended]
     torch.testing.assert_close(bonus, (0.375 * spread)[:-1][not_ended], rtol=1e-4, atol=1e-5)
     assert [e["learned_return"] for e in explored_episodes] == [e["learned_return"] for e in plain_episodes]
+    # A negative weight is a penalty of the same size.
+    penalised, _, penalised_inputs = collect(-0.5)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, penalised_inputs))
+    torch.testing.assert_close((penalised["rew"] - plain["rew"])[:-1][not_ended], -bonus, rtol=1e-4, atol=1e-5)
 
     # Refused where there is no disagreement to add: the true reward, or an ensemble of one.
     for flags, message in [(["--reward", "true"], "needs the learned reward"),

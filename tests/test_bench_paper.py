@@ -346,3 +346,71 @@ def test_step_reward_fit_finds_which_input_tells_each_step_s_reward():
     assert fits["before"][0] < 0.1 and abs(fits["before"][1]) < 0.1
     # after-T-1 sees obs[t+1], which here is unrelated to where step t led (a drawn-apart next_obs)
     assert abs(fits["after-T-1"][1]) < 0.1
+
+
+def test_upside_down_reward_finds_a_models_bonus_for_being_upside_down_at_the_same_speed():
+    """bench/upside_down.py: a reward of 0.5 per unit of speed plus 0.8 for being upside down gives a bonus of
+    0.8 (1.6 in speed units) even where the upside-down states are also the slow ones, and the members' std
+    is read apart for upright and upside-down states."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from upside_down import upside_down_reward
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(2000, 12))
+    obs[:, 1] *= 0.3  # pitches within 90 degrees of upright...
+    obs[:500, 1] += np.pi  # ...but a quarter of them turned upside down
+    obs[:500, 8] -= 2.0  # and slower: a plain difference of means would hide the bonus
+    upside = np.cos(obs[:, 1]) < 0
+    reward = 0.5 * obs[:, 8] + 0.8 * upside + 0.1 * obs[:, 10]
+    spread = np.where(upside, 0.9, 0.2)
+    members = reward + np.stack([-spread, np.zeros_like(spread), spread]) * np.sqrt(1.5)  # std over 3: spread
+    f = upside_down_reward(members, obs, 8, 10)
+    assert f["bonus"] == pytest.approx(0.8) and f["per_speed"] == pytest.approx(0.5)
+    assert f["std_upright"] == pytest.approx(0.2) and f["std_upside_down"] == pytest.approx(0.9)
+    assert f["reward_upside_down"] == pytest.approx(reward[upside].mean())
+    assert f["reward_upright"] == pytest.approx(reward[~upside].mean())
+    with pytest.raises(C.UserError, match="all upright or all upside down"):
+        upside_down_reward(members[:, 500:], obs[500:], 8, 10)
+
+
+def test_upside_down_scores_each_models_reward_on_the_pooled_states_and_refuses_what_it_cannot(tmp_path):
+    """End to end on a small HalfCheetah run whose states are partly turned over by hand: one row per model,
+    the printed share of upside-down states; a run without segments, a feature out of range or a model of
+    another env are one sentence each."""
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    run = str(tmp_path / "cheetah")
+    for stage in (["collect.py", "--run", run, "--env", "HalfCheetah-v5", "--pairs", "8", "--no-clips",
+                   "--num-envs", "2"], ["label.py", "teach", "--run", run],
+                  ["train_reward.py", "--run", run, "--steps", "5", "--min-steps", "5"]):
+        result = subprocess.run([sys.executable, *stage], cwd=ROOT, capture_output=True, text=True, env=env,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    path = os.path.join(run, "segments", "round_0000.npz")
+    segments = dict(np.load(path))
+    segments["obs"][::4, :, 1] = np.pi  # every fourth segment on its back
+    C.save_segments(run, 0, segments)
+    share = np.mean(np.cos(segments["obs"][..., 1]) < 0)
+
+    def upside_down(*flags):
+        return subprocess.run([sys.executable, "bench/upside_down.py", *flags], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    result = upside_down("--models", run, run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{segments['obs'].shape[0] * segments['obs'].shape[1] * 2} states of HalfCheetah-v5, {share:.3f} of " \
+           "them upside down" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith(f"| {run} |")]
+    assert len(rows) == 2 and rows[0] == rows[1]
+    assert re.fullmatch(r"\| \S+ \| [+-]\d+\.\d\d \| [+-]\d+\.\d\d \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d "
+                        r"\([+-]\d+\.\d\d\) \|", rows[0]), rows[0]
+
+    empty = str(tmp_path / "empty")
+    C.open_run(empty, "HalfCheetah-v5")
+    hopper = str(tmp_path / "hopper")
+    C.open_run(hopper, "Hopper-v5")
+    for flags, says in [(["--models", run, "--states", empty], f"{empty} has no segment files to take states from"),
+                        (["--models", run, "--speed-feature", "17"], "observation feature 17 is not one of this "
+                                                                      "env's 2..16"),
+                        (["--models", hopper, "--states", run], f"{hopper} is a run of Hopper-v5; the states are "
+                                                                f"of HalfCheetah-v5")]:
+        result = upside_down(*flags)
+        assert result.returncode != 0 and says in result.stderr and "Traceback" not in result.stderr, result.stderr

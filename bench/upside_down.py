@@ -1,0 +1,95 @@
+"""What does a reward model pay a planar body (HalfCheetah, Hopper, Walker2d) for being upside down, and how much
+do its ensemble's members agree about it? A HalfCheetah that flips onto its back early runs on it for the rest
+of the run, at about half the speed of one that stayed upright (BENCHMARKS.md); a first reward model that pays
+for the flip makes PPO take it.
+
+    .venv/bin/python bench/upside_down.py --models bench/out/paper-500k/HalfCheetah-v5-700labels-s{0..9}
+
+Scores the states of the --states runs' segment files (default: the --models runs' own, pooled: the same states
+for every model) with each model, and prints a table, one row per model:
+  reward upright / upside down   the members' normalised rewards averaged (the reward the agent is paid),
+                                 mean over the states whose torso pitch (observation[1]) is within / beyond 90
+                                 degrees
+  members' std upright / upside down   the std over the members of their normalised rewards, mean over those
+                                 states: how much the ensemble disagrees (what train_policy.py --explore-coef
+                                 adds, or with a negative weight subtracts)
+  bonus   the least-squares reward of being upside down at the same forward speed and pitch rate: r ~ a * speed
+          + bonus * [upside down] + c * pitch rate + d over all the states, and that bonus in units of speed
+          (bonus / a, m/s on HalfCheetah)
+Reads only; writes nothing.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import contract as C  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, help="run directories with a reward_model.pt")
+    p.add_argument("--states", nargs="+", default=None,
+                   help="run directories whose segments' states to score (default: the --models runs)")
+    p.add_argument("--speed-feature", type=int, default=8,
+                   help="observation index of the forward speed (HalfCheetah 8, Hopper 5, Walker2d 8)")
+    p.add_argument("--pitch-rate-feature", type=int, default=10,
+                   help="observation index of the torso's pitch rate (HalfCheetah 10, Hopper 7, Walker2d 10)")
+    return p.parse_args(argv)
+
+
+def upside_down_reward(members, obs, speed_feature, pitch_rate_feature):
+    """members (K, B): each member's normalised reward of the states obs (B, D), whose [:, 1] is the torso's
+    pitch. Returns the table's figures: reward and members' std, upright and upside down; the bonus for being
+    upside down and the speed's coefficient of the least-squares fit."""
+    upside = np.cos(obs[:, 1]) < 0
+    if upside.all() or not upside.any():
+        raise C.UserError("the states are all upright or all upside down: nothing to compare")
+    reward, spread = members.mean(0), members.std(0)
+    design = np.stack([obs[:, speed_feature], upside, obs[:, pitch_rate_feature], np.ones(len(obs))], 1)
+    (per_speed, bonus, _, _), *_ = np.linalg.lstsq(design.astype(np.float64), reward.astype(np.float64),
+                                                   rcond=None)
+    return {"reward_upright": float(reward[~upside].mean()), "reward_upside_down": float(reward[upside].mean()),
+            "std_upright": float(spread[~upside].mean()), "std_upside_down": float(spread[upside].mean()),
+            "bonus": float(bonus), "per_speed": float(per_speed)}
+
+
+def main():
+    args = parse_args()
+    import torch
+    env_ids, states = set(), []
+    for run in args.states or args.models:
+        segments = C.load_segments(run)
+        if segments is None:
+            raise C.UserError(f"{run} has no segment files to take states from")
+        env_ids.add(C.read_config(run)["env_id"])
+        states.append(segments["obs"].reshape(-1, segments["obs"].shape[-1]))
+    obs = np.concatenate(states)
+    for feature in (args.speed_feature, args.pitch_rate_feature):
+        if not 1 < feature < obs.shape[1]:
+            raise C.UserError(f"observation feature {feature} is not one of this env's 2..{obs.shape[1] - 1}")
+    print(f"{len(obs)} states of {', '.join(sorted(env_ids))}, {np.mean(np.cos(obs[:, 1]) < 0):.3f} of them upside "
+          f"down\n")
+    print("| model | reward upright | reward upside down | members' std upright | members' std upside down "
+          "| bonus (in speed units) |\n|---|---|---|---|---|---|")
+    for run in args.models:
+        config = C.read_config(run)
+        if config["env_id"] not in env_ids:
+            raise C.UserError(f"{run} is a run of {config['env_id']}; the states are of {', '.join(env_ids)}")
+        model = C.load_reward_model(run, config)
+        if model.inputs != "obs":
+            raise C.UserError(f"{run}'s reward model is of {model.inputs}; this scores models of the observation only")
+        with torch.no_grad():
+            members = model.member_rewards(torch.as_tensor(C.reward_input(obs, None, model.inputs),
+                                                           dtype=torch.float32)).numpy()
+        f = upside_down_reward(members, obs, args.speed_feature, args.pitch_rate_feature)
+        print(f"| {run} | {f['reward_upright']:+.2f} | {f['reward_upside_down']:+.2f} | {f['std_upright']:.2f} "
+              f"| {f['std_upside_down']:.2f} | {f['bonus']:+.2f} ({f['bonus'] / f['per_speed']:+.2f}) |")
+
+
+if __name__ == "__main__":
+    C.run_main(main)

@@ -16,6 +16,8 @@ for every model) with each model, and prints a table, one row per model:
   bonus   the least-squares reward of being upside down at the same forward speed and pitch rate: r ~ a * speed
           + bonus * [upside down] + c * pitch rate + d over all the states, and that bonus in units of speed
           (bonus / a, m/s on HalfCheetah)
+and under the table the same fit of the true reward of those steps, which is what the labels were about, and the
+mean true return of the segments with and without an upside-down state.
 Reads only; writes nothing.
 """
 import argparse
@@ -61,14 +63,17 @@ def upside_down_reward(members, obs, speed_feature, pitch_rate_feature):
 def main():
     args = parse_args()
     import torch
-    env_ids, states = set(), []
+    env_ids, states, rewards, returns, flipped = set(), [], [], [], []
     for run in args.states or args.models:
         segments = C.load_segments(run)
         if segments is None:
             raise C.UserError(f"{run} has no segment files to take states from")
         env_ids.add(C.read_config(run)["env_id"])
         states.append(segments["obs"].reshape(-1, segments["obs"].shape[-1]))
-    obs = np.concatenate(states)
+        rewards.append(segments["rewards"].reshape(-1))
+        returns.append(segments["rewards"].sum(1))
+        flipped.append((np.cos(segments["obs"][..., 1]) < 0).any(1))  # (N,): any step upside down
+    obs, rewards, returns, flipped = (np.concatenate(a) for a in (states, rewards, returns, flipped))
     for feature in (args.speed_feature, args.pitch_rate_feature):
         if not 1 < feature < obs.shape[1]:
             raise C.UserError(f"observation feature {feature} is not one of this env's 2..{obs.shape[1] - 1}")
@@ -89,6 +94,11 @@ def main():
         f = upside_down_reward(members, obs, args.speed_feature, args.pitch_rate_feature)
         print(f"| {run} | {f['reward_upright']:+.2f} | {f['reward_upside_down']:+.2f} | {f['std_upright']:.2f} "
               f"| {f['std_upside_down']:.2f} | {f['bonus']:+.2f} ({f['bonus'] / f['per_speed']:+.2f}) |")
+    true = upside_down_reward(rewards[None], obs, args.speed_feature, args.pitch_rate_feature)
+    print(f"\nThe true reward of those steps, fitted the same way: bonus {true['bonus']:+.3f} "
+          f"({true['bonus'] / true['per_speed']:+.2f} in speed units), per unit of speed {true['per_speed']:.3f}. "
+          f"Mean true return of the {flipped.sum()} segments with a step upside down {returns[flipped].mean():+.2f}, "
+          f"of the other {(~flipped).sum()} {returns[~flipped].mean():+.2f}.")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""What does a reward model pay a planar body (HalfCheetah, Hopper, Walker2d) for being upside down, and how much
-do its ensemble's members agree about it? A HalfCheetah that flips onto its back early runs on it for the rest
-of the run, at about half the speed of one that stayed upright (BENCHMARKS.md); a first reward model that pays
-for the flip makes PPO take it.
+"""What does a reward model pay a planar body (HalfCheetah; Hopper and Walker2d only where their episodes go on
+after a fall) for being upside down, and how much do its ensemble's members agree about it? A HalfCheetah that
+flips onto its back early runs on it for the rest of the run, at about half the speed of one that stayed upright
+(BENCHMARKS.md); a first reward model that pays for the flip makes PPO take it.
 
     .venv/bin/python bench/upside_down.py --models bench/out/paper-500k/HalfCheetah-v5-700labels-s{0..9}
 
@@ -15,7 +15,7 @@ for every model) with each model, and prints a table, one row per model:
                                  adds, or with a negative weight subtracts)
   bonus   the least-squares reward of being upside down at the same forward speed and pitch rate: r ~ a * speed
           + bonus * [upside down] + c * pitch rate + d over all the states, and that bonus in units of speed
-          (bonus / a, m/s on HalfCheetah)
+          (bonus / a, m/s on HalfCheetah), and a itself
 and under the table the same fit of the true reward of those steps, which is what the labels were about, and the
 mean true return of the segments with and without an upside-down state.
 Reads only; writes nothing.
@@ -60,43 +60,72 @@ def upside_down_reward(members, obs, speed_feature, pitch_rate_feature):
             "bonus": float(bonus), "per_speed": float(per_speed)}
 
 
+def run_config(run):
+    """The run's config.json, or one sentence saying that `run` is not a run directory."""
+    config = C.read_config(run)
+    if config is None:
+        raise C.UserError(f"{run} is not a run directory (it has no {C.CONFIG})")
+    return config
+
+
+def in_speed_units(fit):
+    """The fit's bonus divided by its reward per unit of speed, as text; n/a where the reward does not rise with
+    the speed (a wrong --speed-feature, or a model that learnt nothing), where the quotient would mislead."""
+    return f"{fit['bonus'] / fit['per_speed']:+.2f}" if fit["per_speed"] > 1e-6 else "n/a"
+
+
 def main():
     args = parse_args()
     import torch
     env_ids, states, rewards, returns, flipped = set(), [], [], [], []
     for run in args.states or args.models:
+        env_ids.add(run_config(run)["env_id"])
+        if len(env_ids) > 1:
+            raise C.UserError(f"the runs whose states to score are of {' and '.join(sorted(env_ids))}; give runs "
+                              f"of one env")
         segments = C.load_segments(run)
         if segments is None:
             raise C.UserError(f"{run} has no segment files to take states from")
-        env_ids.add(C.read_config(run)["env_id"])
         states.append(segments["obs"].reshape(-1, segments["obs"].shape[-1]))
         rewards.append(segments["rewards"].reshape(-1))
         returns.append(segments["rewards"].sum(1))
         flipped.append((np.cos(segments["obs"][..., 1]) < 0).any(1))  # (N,): any step upside down
     obs, rewards, returns, flipped = (np.concatenate(a) for a in (states, rewards, returns, flipped))
+    (env_id,) = env_ids
     for feature in (args.speed_feature, args.pitch_rate_feature):
         if not 1 < feature < obs.shape[1]:
             raise C.UserError(f"observation feature {feature} is not one of this env's 2..{obs.shape[1] - 1}")
-    print(f"{len(obs)} states of {', '.join(sorted(env_ids))}, {np.mean(np.cos(obs[:, 1]) < 0):.3f} of them upside "
-          f"down\n")
-    print("| model | reward upright | reward upside down | members' std upright | members' std upside down "
-          "| bonus (in speed units) |\n|---|---|---|---|---|---|")
+    upside_down = np.cos(obs[:, 1]) < 0
+    if not upside_down.any():
+        raise C.UserError(f"none of the {len(obs)} states is upside down, so there is no bonus to measure (Hopper "
+                          f"and Walker2d episodes end before the torso tips that far); give runs with such states")
+    if upside_down.all():
+        raise C.UserError(f"all {len(obs)} states are upside down, so there is nothing upright to compare them with")
+    models = []
     for run in args.models:
-        config = C.read_config(run)
-        if config["env_id"] not in env_ids:
-            raise C.UserError(f"{run} is a run of {config['env_id']}; the states are of {', '.join(env_ids)}")
+        config = run_config(run)
+        if config["env_id"] != env_id:
+            raise C.UserError(f"{run} is a run of {config['env_id']}; the states are of {env_id}")
         model = C.load_reward_model(run, config)
+        if model is None:
+            raise C.UserError(f"{run} has no {C.REWARD_MODEL} yet; run train_reward.py on it first")
         if model.inputs != "obs":
             raise C.UserError(f"{run}'s reward model is of {model.inputs}; this scores models of the observation only")
+        models.append((run, model))
+    print(f"{len(obs)} states of {env_id}, {upside_down.mean():.3f} of them upside down\n")
+    print("| model | reward upright | reward upside down | members' std upright | members' std upside down "
+          "| bonus (in speed units) | reward per unit of speed |\n|---|---|---|---|---|---|---|")
+    for run, model in models:
         with torch.no_grad():
             members = model.member_rewards(torch.as_tensor(C.reward_input(obs, None, model.inputs),
                                                            dtype=torch.float32)).numpy()
-        f = upside_down_reward(members, obs, args.speed_feature, args.pitch_rate_feature)
-        print(f"| {run} | {f['reward_upright']:+.2f} | {f['reward_upside_down']:+.2f} | {f['std_upright']:.2f} "
-              f"| {f['std_upside_down']:.2f} | {f['bonus']:+.2f} ({f['bonus'] / f['per_speed']:+.2f}) |")
-    true = upside_down_reward(rewards[None], obs, args.speed_feature, args.pitch_rate_feature)
-    print(f"\nThe true reward of those steps, fitted the same way: bonus {true['bonus']:+.3f} "
-          f"({true['bonus'] / true['per_speed']:+.2f} in speed units), per unit of speed {true['per_speed']:.3f}. "
+        model_fit = upside_down_reward(members, obs, args.speed_feature, args.pitch_rate_feature)
+        print(f"| {run} | {model_fit['reward_upright']:+.2f} | {model_fit['reward_upside_down']:+.2f} "
+              f"| {model_fit['std_upright']:.2f} | {model_fit['std_upside_down']:.2f} | {model_fit['bonus']:+.2f} "
+              f"({in_speed_units(model_fit)}) | {model_fit['per_speed']:+.2f} |")
+    true_fit = upside_down_reward(rewards[None], obs, args.speed_feature, args.pitch_rate_feature)
+    print(f"\nThe true reward of those steps, fitted the same way: bonus {true_fit['bonus']:+.3f} "
+          f"({in_speed_units(true_fit)} in speed units), per unit of speed {true_fit['per_speed']:.3f}. "
           f"Mean true return of the {flipped.sum()} segments with a step upside down {returns[flipped].mean():+.2f}, "
           f"of the other {(~flipped).sum()} {returns[~flipped].mean():+.2f}.")
 

@@ -353,7 +353,7 @@ def test_upside_down_reward_finds_a_models_bonus_for_being_upside_down_at_the_sa
     0.8 (1.6 in speed units) even where the upside-down states are also the slow ones, and the members' std
     is read apart for upright and upside-down states."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from upside_down import upside_down_reward
+    from upside_down import in_speed_units, upside_down_reward
     rng = np.random.default_rng(0)
     obs = rng.normal(size=(2000, 12))
     obs[:, 1] *= 0.3  # pitches within 90 degrees of upright...
@@ -365,6 +365,8 @@ def test_upside_down_reward_finds_a_models_bonus_for_being_upside_down_at_the_sa
     members = reward + np.stack([-spread, np.zeros_like(spread), spread]) * np.sqrt(1.5)  # std over 3: spread
     f = upside_down_reward(members, obs, 8, 10)
     assert f["bonus"] == pytest.approx(0.8) and f["per_speed"] == pytest.approx(0.5)
+    assert in_speed_units(f) == "+1.60"
+    assert in_speed_units({"bonus": 0.8, "per_speed": 0.0}) == "n/a"  # a reward that does not rise with the speed
     assert f["std_upright"] == pytest.approx(0.2) and f["std_upside_down"] == pytest.approx(0.9)
     assert f["reward_upside_down"] == pytest.approx(reward[upside].mean())
     assert f["reward_upright"] == pytest.approx(reward[~upside].mean())
@@ -374,7 +376,8 @@ def test_upside_down_reward_finds_a_models_bonus_for_being_upside_down_at_the_sa
 
 def test_upside_down_scores_each_models_reward_on_the_pooled_states_and_refuses_what_it_cannot(tmp_path):
     """End to end on a small HalfCheetah run whose states are partly turned over by hand: one row per model,
-    the printed share of upside-down states; a run without segments, a feature out of range or a model of
+    the printed share of upside-down states and the true reward's fit; a run without segments or without a
+    model, a path that is no run, states of two envs or none upside down, a feature out of range or a model of
     another env are one sentence each."""
     env = {**os.environ, "MUJOCO_GL": "egl"}
     run = str(tmp_path / "cheetah")
@@ -401,7 +404,7 @@ def test_upside_down_scores_each_models_reward_on_the_pooled_states_and_refuses_
     rows = [line for line in result.stdout.splitlines() if line.startswith(f"| {run} |")]
     assert len(rows) == 2 and rows[0] == rows[1]
     assert re.fullmatch(r"\| \S+ \| [+-]\d+\.\d\d \| [+-]\d+\.\d\d \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d "
-                        r"\([+-]\d+\.\d\d\) \|", rows[0]), rows[0]
+                        r"\(([+-]\d+\.\d\d|n/a)\) \| [+-]\d+\.\d\d \|", rows[0]), rows[0]
     # the true reward of the same steps, fitted the same way, and the segments' returns with and without a flip
     n = segments["obs"].shape[0]
     returns, flipped = segments["rewards"].sum(1), np.arange(n) % 4 == 0
@@ -409,14 +412,30 @@ def test_upside_down_scores_each_models_reward_on_the_pooled_states_and_refuses_
     assert (f"Mean true return of the {2 * flipped.sum()} segments with a step upside down "
             f"{returns[flipped].mean():+.2f}, of the other {2 * (~flipped).sum()} {returns[~flipped].mean():+.2f}."
             in result.stdout), result.stdout
-    assert re.search(r"The true reward of those steps, fitted the same way: bonus [+-]\d+\.\d{3} \([+-]\d+\.\d\d "
-                     r"in speed units\), per unit of speed -?\d+\.\d{3}\.", result.stdout), result.stdout
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from upside_down import in_speed_units, upside_down_reward
+    obs = np.concatenate([segments["obs"]] * 2).reshape(-1, segments["obs"].shape[-1])
+    true_fit = upside_down_reward(np.concatenate([segments["rewards"]] * 2).reshape(1, -1), obs, 8, 10)
+    assert (f"The true reward of those steps, fitted the same way: bonus {true_fit['bonus']:+.3f} "
+            f"({in_speed_units(true_fit)} in speed units), per unit of speed {true_fit['per_speed']:.3f}."
+            in result.stdout), result.stdout
 
     empty = str(tmp_path / "empty")
     C.open_run(empty, "HalfCheetah-v5")
     hopper = str(tmp_path / "hopper")
     C.open_run(hopper, "Hopper-v5")
+    unfitted = str(tmp_path / "unfitted")  # segments, but no reward model yet
+    shutil.copytree(run, unfitted)
+    os.remove(os.path.join(unfitted, C.REWARD_MODEL))
+    upright = str(tmp_path / "upright")  # no state upside down
+    shutil.copytree(run, upright)
+    C.save_segments(upright, 0, {**segments, "obs": segments["obs"] * np.array([1, 0] + [1] * 15, np.float32)})
     for flags, says in [(["--models", run, "--states", empty], f"{empty} has no segment files to take states from"),
+                        (["--models", unfitted], f"{unfitted} has no {C.REWARD_MODEL} yet"),
+                        (["--models", str(tmp_path / "typo"), "--states", run], "typo is not a run directory"),
+                        (["--models", run, "--states", run, hopper], "the runs whose states to score are of "
+                                                                    "HalfCheetah-v5 and Hopper-v5; give runs of one env"),
+                        (["--models", upright], "none of the"),
                         (["--models", run, "--speed-feature", "17"], "observation feature 17 is not one of this "
                                                                       "env's 2..16"),
                         (["--models", hopper, "--states", run], f"{hopper} is a run of Hopper-v5; the states are "

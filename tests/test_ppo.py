@@ -447,8 +447,9 @@ def test_exploration_bonus_is_the_ensembles_disagreement_decaying_with_the_learn
     torch.testing.assert_close(bonus, (0.375 * spread)[:-1][not_ended], rtol=1e-4, atol=1e-5)
     assert [e["learned_return"] for e in explored_episodes] == [e["learned_return"] for e in plain_episodes]
     # A negative weight is a penalty of the same size.
-    penalised, _, penalised_inputs = collect(-0.5)
+    penalised, penalised_episodes, penalised_inputs = collect(-0.5)
     assert all(torch.equal(a, b) for a, b in zip(inputs, penalised_inputs))
+    assert [e["learned_return"] for e in penalised_episodes] == [e["learned_return"] for e in plain_episodes]
     torch.testing.assert_close((penalised["rew"] - plain["rew"])[:-1][not_ended], -bonus, rtol=1e-4, atol=1e-5)
 
     # Refused where there is no disagreement to add: the true reward, or an ensemble of one.

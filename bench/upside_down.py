@@ -44,11 +44,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def is_upside_down(pitch):
+    """pitch (...,) radians, any number of turns -> bool (...,): the torso tipped beyond 90 degrees either way
+    (bench/score_policies.py's upside_down_share is the mean of this)."""
+    return np.cos(pitch) < 0
+
+
 def upside_down_reward(members, obs, speed_feature, pitch_rate_feature):
     """members (K, B): each member's normalised reward of the states obs (B, D), whose [:, 1] is the torso's
     pitch. Returns the table's figures: reward and members' std, upright and upside down; the bonus for being
     upside down and the speed's coefficient of the least-squares fit."""
-    upside = np.cos(obs[:, 1]) < 0
+    upside = is_upside_down(obs[:, 1])
     if upside.all() or not upside.any():
         raise C.UserError("the states are all upright or all upside down: nothing to compare")
     reward, spread = members.mean(0), members.std(0)
@@ -89,13 +95,13 @@ def main():
         states.append(segments["obs"].reshape(-1, segments["obs"].shape[-1]))
         rewards.append(segments["rewards"].reshape(-1))
         returns.append(segments["rewards"].sum(1))
-        flipped.append((np.cos(segments["obs"][..., 1]) < 0).any(1))  # (N,): any step upside down
+        flipped.append(is_upside_down(segments["obs"][..., 1]).any(1))  # (N,): any step upside down
     obs, rewards, returns, flipped = (np.concatenate(a) for a in (states, rewards, returns, flipped))
     (env_id,) = env_ids
     for feature in (args.speed_feature, args.pitch_rate_feature):
         if not 1 < feature < obs.shape[1]:
             raise C.UserError(f"observation feature {feature} is not one of this env's 2..{obs.shape[1] - 1}")
-    upside_down = np.cos(obs[:, 1]) < 0
+    upside_down = is_upside_down(obs[:, 1])
     if not upside_down.any():
         raise C.UserError(f"none of the {len(obs)} states is upside down, so there is no bonus to measure (Hopper "
                           f"and Walker2d episodes end before the torso tips that far); give runs with such states")

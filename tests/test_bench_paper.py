@@ -406,9 +406,7 @@ def test_upside_down_scores_each_models_reward_on_the_pooled_states_and_refuses_
     assert re.fullmatch(r"\| \S+ \| [+-]\d+\.\d\d \| [+-]\d+\.\d\d \| \d+\.\d\d \| \d+\.\d\d \| [+-]\d+\.\d\d "
                         r"\(([+-]\d+\.\d\d|n/a)\) \| [+-]\d+\.\d\d \|", rows[0]), rows[0]
     # the true reward of the same steps, fitted the same way, and the segments' returns with and without a flip
-    n = segments["obs"].shape[0]
-    returns, flipped = segments["rewards"].sum(1), np.arange(n) % 4 == 0
-    flipped |= (np.cos(segments["obs"][..., 1]) < 0).any(1)
+    returns, flipped = segments["rewards"].sum(1), (np.cos(segments["obs"][..., 1]) < 0).any(1)
     assert (f"Mean true return of the {2 * flipped.sum()} segments with a step upside down "
             f"{returns[flipped].mean():+.2f}, of the other {2 * (~flipped).sum()} {returns[~flipped].mean():+.2f}."
             in result.stdout), result.stdout

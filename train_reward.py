@@ -10,7 +10,8 @@ where eps (default 0.1) is the chance that the teacher answered at random. `equa
 `skip` is not trained on. Each member's L2 coefficient is adapted during training so that its validation
 loss stays within 1.1-1.5x its training loss (the paper's rule; the coefficients carry over to the next
 round). A call trains --epochs passes over the labels, but at least --min-steps steps: ~50 L2 adaptations,
-which the rule needs to settle from where the last round left it. Training warm-starts from the previous
+which the rule needs to settle from where the last round left it (--fresh-min-steps, where given, for a model
+that starts from scratch). Training warm-starts from the previous
 round's model; with --if-new-labels a call does nothing if that model was fitted to exactly these answers.
 Finally each member's output is normalised to zero mean and unit standard deviation over the states of the
 latest rounds; the policy is rewarded with the average of the normalised members.
@@ -52,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=30,
                    help="passes over each member's bootstrap sample this call (sets the number of steps)")
     p.add_argument("--min-steps", type=int, default=500, help="at least this many gradient steps")
+    p.add_argument("--fresh-min-steps", type=int, default=None,
+                   help="at least this many gradient steps when the model starts from scratch (the first round, "
+                        "--fresh, a changed architecture) instead of from the last round's; default: --min-steps")
     p.add_argument("--steps", type=int, default=None, help="gradient steps this call; overrides --epochs")
     p.add_argument("--batch-size", type=int, default=64, help="labelled pairs per member per step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -81,6 +85,7 @@ def parse_args(argv=None):
     rules = {"--members": args.members >= 1, "--hidden": args.hidden >= 1, "--layers": args.layers >= 1,
              "--epochs": 0 < args.epochs < np.inf, "--seed": args.seed is None or args.seed >= 0,
              "--min-steps": args.min_steps >= 1, "--batch-size": args.batch_size >= 1,
+             "--fresh-min-steps": args.fresh_min_steps is None or args.fresh_min_steps >= 1,
              # (upper bounds: inf fits a NaN model without an error, 1e308 overflows torch's float32)
              "--steps": args.steps is None or args.steps >= 1, "--lr": 0 < args.lr <= 1,
              "--random-answer": 0 <= args.random_answer < 1, "--val-fraction": 0 <= args.val_fraction < 1,
@@ -235,6 +240,8 @@ def fit(x, left, right, target, is_val, counts, args, model=None, l2=None, seed=
     report) where report has the steps taken and the (K,) val/train loss ratio after each adaptation."""
     members = is_val.shape[0]
     flat = x.reshape(-1, x.shape[-1])
+    # A model from scratch has no fitted weights or settled L2 to start from, so it may be given more steps.
+    min_steps = args.fresh_min_steps if model is None and args.fresh_min_steps is not None else args.min_steps
     if model is None:
         model = C.build_reward_ensemble(x.shape[-1], members, args.hidden, args.layers, args.inputs,
                                         args.reward_state)
@@ -255,7 +262,7 @@ def fit(x, left, right, target, is_val, counts, args, model=None, l2=None, seed=
     pools = [p if len(p) else np.flatnonzero(~is_val[k]) if (~is_val[k]).any() else np.arange(len(target))
              for k, p in enumerate(pools)]
     mean_pool = float(np.mean([len(p) for p in pools]))
-    steps = args.steps or max(args.min_steps, math.ceil(args.epochs * mean_pool / args.batch_size))
+    steps = args.steps or max(min_steps, math.ceil(args.epochs * mean_pool / args.batch_size))
 
     # The rule compares each member's validation loss (all its held-out labels) with its training loss on a
     # sample of its bootstrap set as large, both under the current weights: a running mean of minibatch

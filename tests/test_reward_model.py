@@ -96,6 +96,25 @@ def test_training_steps_follow_the_epochs_flag():
     assert report["steps"] == 7
 
 
+def test_a_model_from_scratch_takes_at_least_fresh_min_steps_and_a_warm_started_one_min_steps():
+    x, left, right, target, is_val, counts, _ = linear_reward_problem(n_pairs=400)
+    args = args_for("--epochs", "1", "--min-steps", "20", "--fresh-min-steps", "60")
+    model, l2, report = train_reward.fit(x, left, right, target, is_val, counts, args)
+    assert report["steps"] == 60  # from scratch
+    _, _, report = train_reward.fit(x, left, right, target, is_val, counts, args, model, l2)
+    assert report["steps"] == 20  # warm-started from the model above
+    # Without the flag a model from scratch takes --min-steps, as before the flag existed.
+    plain = args_for("--epochs", "1", "--min-steps", "20")
+    _, _, report = train_reward.fit(x, left, right, target, is_val, counts, plain)
+    assert report["steps"] == 20
+    # --steps still overrides both, and the flag's range is checked.
+    fixed = args_for("--steps", "7", "--fresh-min-steps", "60")
+    _, _, report = train_reward.fit(x, left, right, target, is_val, counts, fixed)
+    assert report["steps"] == 7
+    with pytest.raises(SystemExit):
+        args_for("--fresh-min-steps", "0")
+
+
 def test_fit_copes_with_a_handful_of_labels():
     for n_pairs in (1, 2, 3):  # some members then have no bootstrap sample or no validation part at all
         x, left, right, target, is_val, counts, _ = linear_reward_problem(n_pairs=n_pairs)

@@ -400,6 +400,13 @@ def test_loop_end_to_end_on_a_tiny_budget(tmp_path):
     assert C.policy_step(run) >= 12288
     stages = {m["stage"] for m in C.read_jsonl(os.path.join(run, C.METRICS))}
     assert {"collect", "label", "train_reward", "train_policy", "train_policy_summary", "evaluate"} <= stages
+    # README's data contract names every figure the stages wrote (its metrics.jsonl row) and every teacher field.
+    with open(os.path.join(ROOT, "README.md")) as f:
+        rows = {line.split("|")[1].strip(): line for line in f if line.startswith("| `")}
+    written = {k for m in C.read_jsonl(os.path.join(run, C.METRICS)) for k in m} | stages
+    assert {k for k in written if f"`{k}`" not in rows["`metrics.jsonl`"]} == set()
+    teacher = next(l for l in C.read_jsonl(os.path.join(run, C.LABELS)) if "teacher" in l)["teacher"]
+    assert {k for k in teacher if f"`{k}`" not in rows["`labels.jsonl`"]} == set()
     with open(os.path.join(run, C.LEARNING_CURVE), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     evals = [m for m in C.read_jsonl(os.path.join(run, C.METRICS)) if m["stage"] == "evaluate"]

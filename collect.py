@@ -7,8 +7,8 @@ queries.jsonl.
     python collect.py --run data/cheetah --evaluate 5                                # score + clip the agent
 
 The latest policy checkpoint (policy.pt) is used if there is one, uniform random actions otherwise.
-Reads: config.json, policy.pt, reward_model.pt (disagreement selection), queries.jsonl, metrics.jsonl
-(--evaluate --if-new-policy).
+Reads: config.json, policy.pt, reward_model.pt (disagreement selection), queries.jsonl, labels.jsonl (refuses
+answers to pairs queries.jsonl lacks), segments/ (to number new ones), metrics.jsonl (--evaluate --if-new-policy).
 Writes: segments/round_RRRR.npz, clips/<segment_id>.mp4, queries.jsonl, metrics.jsonl.
 """
 import argparse

@@ -974,7 +974,9 @@ def build_reward_ensemble(in_dim, members=3, hidden=64, layers=2, inputs="obs", 
             self.inputs = inputs  # what reward_input feeds it: one of REWARD_INPUTS
             self.reward_state = reward_state  # which of a step's states it rewards: see REWARD_STATES
 
-        def forward(self, x):
+        def forward(self, x, dropout=0.0):
+            """dropout: the share of hidden units zeroed (and the rest scaled up) on each call, train_reward.py's
+            --dropout while it fits; 0, the rewards every other use of the model sees."""
             x = (x - self.in_mean) / self.in_std
             if x.dim() == 2:
                 x = x.unsqueeze(0).expand(self.members, -1, -1)
@@ -982,6 +984,8 @@ def build_reward_ensemble(in_dim, members=3, hidden=64, layers=2, inputs="obs", 
                 x = torch.baddbmm(b, x, w)
                 if i < len(self.weights) - 1:
                     x = torch.nn.functional.leaky_relu_(x, 0.01)  # in place: allocating costs ~8x the op
+                    if dropout:
+                        x = torch.nn.functional.dropout(x, dropout, training=True)
             return x.squeeze(-1)
 
         def member_rewards(self, x):

@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--random-answer", type=float, default=0.1,
                    help="assumed probability that the teacher answered uniformly at random")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="share of hidden units dropped in each training step (rl-teacher's model: 0.5); the L2 rule "
+                        "and every use of the model see the whole network")
     p.add_argument("--val-fraction", type=float, default=float(1 / np.e), help="share held out per member")
     p.add_argument("--l2", type=float, default=1e-2, help="initial L2 coefficient (then adapted)")
     p.add_argument("--l2-range", type=float, nargs=2, default=[1e-5, 1.0], help="bounds of the adapted L2")
@@ -88,7 +91,8 @@ def parse_args(argv=None):
              "--fresh-min-steps": args.fresh_min_steps is None or args.fresh_min_steps >= 1,
              # (upper bounds: inf fits a NaN model without an error, 1e308 overflows torch's float32)
              "--steps": args.steps is None or args.steps >= 1, "--lr": 0 < args.lr <= 1,
-             "--random-answer": 0 <= args.random_answer < 1, "--val-fraction": 0 <= args.val_fraction < 1,
+             "--random-answer": 0 <= args.random_answer < 1, "--dropout": 0 <= args.dropout < 1,
+             "--val-fraction": 0 <= args.val_fraction < 1,
              "--l2": 0 <= args.l2 < 1e6, "--l2-range": 0 <= args.l2_range[0] <= args.l2_range[1] < 1e6,
              "--l2-factor": 1 <= args.l2_factor < 1e6,
              "--target-ratio": 0 < args.target_ratio[0] <= args.target_ratio[1] < 1e6,
@@ -143,10 +147,11 @@ def split_labels(query_ids, members, val_fraction, seed):
     return is_val, counts
 
 
-def segment_returns(model, x):
-    """x: (K, B, T, D) each member's own segments -> (K, B) their predicted returns."""
+def segment_returns(model, x, dropout=0.0):
+    """x: (K, B, T, D) each member's own segments -> (K, B) their predicted returns (with dropout, see
+    RewardEnsemble.forward)."""
     k, b, t, d = x.shape
-    return model(x.reshape(k, b * t, d)).reshape(k, b, t).sum(-1)
+    return model(x.reshape(k, b * t, d), dropout).reshape(k, b, t).sum(-1)
 
 
 def all_segment_returns(model, x, chunk=256):
@@ -186,11 +191,11 @@ def rank_correlation(a, b):
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def pair_losses(model, x, pairs, target, idx, random_answer):
+def pair_losses(model, x, pairs, target, idx, random_answer, dropout=0.0):
     """Each member's loss on its own labels idx (K, W), as a (K, W) tensor. x: (S, T, D) segments; pairs:
     (2, N) the segment indices of every label; target: (N,)."""
     k, w = idx.shape
-    returns = segment_returns(model, x[pairs[:, idx].transpose(0, 1).reshape(k, 2 * w)])  # (K, 2W)
+    returns = segment_returns(model, x[pairs[:, idx].transpose(0, 1).reshape(k, 2 * w)], dropout)  # (K, 2W)
     r_left, r_right = returns.reshape(k, 2, w).unbind(1)
     return preference_loss(r_left, r_right, target[idx], random_answer)
 
@@ -274,7 +279,7 @@ def fit(x, left, right, target, is_val, counts, args, model=None, l2=None, seed=
     ratios = []
     for step in range(1, steps + 1):
         batch = torch.as_tensor(np.stack([rng.choice(p, args.batch_size) for p in pools]))  # (K, B)
-        loss = pair_losses(model, x, pairs, target, batch, args.random_answer).mean(1)  # (K,)
+        loss = pair_losses(model, x, pairs, target, batch, args.random_answer, args.dropout).mean(1)  # (K,)
         l2_term = sum((w ** 2).sum(dim=(1, 2)) for w in model.weights)  # (K,)
         total = (loss + torch.as_tensor(l2, dtype=torch.float32) * l2_term).sum()
         optimizer.zero_grad()

@@ -28,7 +28,7 @@ def args_for(*flags):
 
 def test_out_of_range_flags_are_refused_in_one_sentence(capsys):
     for flags in (["--random-answer", "1"], ["--members", "0"], ["--target-ratio", "1.5", "1.1"],
-                  ["--val-fraction", "-0.1"]):
+                  ["--val-fraction", "-0.1"], ["--dropout", "1"]):
         with pytest.raises(SystemExit):
             args_for(*flags)
         assert f"argument {flags[0]}: value out of range" in capsys.readouterr().err
@@ -261,6 +261,42 @@ def test_fit_learns_a_linear_reward_and_keeps_validation_loss_near_training_loss
                                                                                   "--l2-range", "0", "0"))
     figures = train_reward.evaluate(model, x, left, right, target, is_val, counts, true_return, 0.1)
     assert (figures["val_loss"] / figures["train_loss"] > 2.5).all()
+
+
+def test_dropout_acts_only_while_fitting_and_the_fit_still_learns():
+    """--dropout zeroes hidden units in the training steps only: the model's rewards, and the losses the L2 rule
+    compares, are of the whole network, so they are the same on every call."""
+    torch.manual_seed(0)
+    model = C.build_reward_ensemble(6, hidden=32)
+    states = torch.randn(200, 6)
+    with torch.no_grad():
+        whole = model(states)
+        torch.testing.assert_close(model(states), whole, rtol=0, atol=0)  # no dropout unless asked for
+        dropped = [model(states, 0.5) for _ in range(2)]
+    assert not torch.equal(dropped[0], dropped[1]) and not torch.equal(dropped[0], whole)
+    # inverted dropout: with one hidden layer the output is linear in the dropped units, so the mean over many
+    # masks is the whole network's output
+    one_layer = C.build_reward_ensemble(6, hidden=32, layers=1)
+    with torch.no_grad():
+        mean = torch.stack([one_layer(states, 0.5) for _ in range(2000)]).mean(0)
+        whole_one = one_layer(states)
+    assert (mean - whole_one).abs().mean() < 0.05 * whole_one.abs().mean()
+
+    x, left, right, target, is_val, counts, true_return = linear_reward_problem()
+    torch.manual_seed(0)
+    model, l2, report = train_reward.fit(x, left, right, target, is_val, counts,
+                                         args_for("--hidden", "32", "--epochs", "40", "--dropout", "0.5"))
+    figures = train_reward.evaluate(model, x, left, right, target, is_val, counts, true_return, 0.1)
+    assert (figures["val_accuracy"] > 0.85).all() and (figures["val_return_spearman"] > 0.9).all(), figures
+    with torch.no_grad():
+        torch.testing.assert_close(model(states), model(states), rtol=0, atol=0)
+    # --dropout 0 is the fit without the flag, to the last bit
+    fits = []
+    for flags in ((), ("--dropout", "0")):
+        torch.manual_seed(2)
+        fits.append(train_reward.fit(x, left, right, target, is_val, counts, args_for("--steps", "30", *flags))[0])
+    for (name, a), b in zip(fits[0].state_dict().items(), fits[1].state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_a_saved_ensemble_reloads_and_predicts_the_same_values(tmp_path):

@@ -13,8 +13,8 @@ round). A call trains --epochs passes over the labels, but at least --min-steps 
 which the rule needs to settle from where the last round left it (--fresh-min-steps, where given, for a model
 that starts from scratch). --dropout drops hidden units in each step, as rl-teacher's model did. Training
 warm-starts from the previous round's model; with --if-new-labels a call does nothing if that model was fitted
-to exactly these answers. Finally each member's output is normalised to zero mean and unit standard deviation over the states of the
-latest rounds; the policy is rewarded with the average of the normalised members.
+to exactly these answers. Finally each member's output is normalised to zero mean and unit standard deviation
+over the states of the latest rounds; the policy is rewarded with the average of the normalised members.
 
     python train_reward.py --run data/cheetah
 

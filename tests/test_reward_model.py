@@ -290,6 +290,13 @@ def test_dropout_acts_only_while_fitting_and_the_fit_still_learns():
     assert (figures["val_accuracy"] > 0.85).all() and (figures["val_return_spearman"] > 0.9).all(), figures
     with torch.no_grad():
         torch.testing.assert_close(model(states), model(states), rtol=0, atol=0)
+    # Only the training steps drop units: each L2 adaptation compares two losses of the whole network.
+    model = C.build_reward_ensemble(6, hidden=32)
+    seen, forward = [], model.forward
+    model.forward = lambda x, dropout=0.0: (seen.append(dropout), forward(x, dropout))[1]
+    train_reward.fit(x, left, right, target, is_val, counts, args_for("--steps", "20", "--adapt-every", "5",
+                                                                       "--dropout", "0.5"), model, [0.01] * 3)
+    assert seen.count(0.5) == 20 and seen.count(0.0) == 2 * 4 and len(seen) == 28
     # --dropout 0 is the fit without the flag, to the last bit
     fits = []
     for flags in ((), ("--dropout", "0")):
